@@ -1,0 +1,283 @@
+"""Resharding between the sequence-sharded and head-sharded layouts with one all-to-all.
+
+``(B, H, N/P, D)`` on every rank  <->  ``(B, H/P, N, D)`` on every rank.
+
+Each exchange moves any number of tensors in a single ``all_to_all_single`` (q, k and v
+together), with uneven split sizes for ``N % P != 0`` and ``H % P != 0`` and no padding. The
+collective is the functional ``_c10d_functional.all_to_all_single`` op: the same real
+all-to-all on gloo, NCCL and any other backend (never DTensor's CPU all-gather fallback), and
+traceable by torch.compile. Both directions are autograd functions whose backward is the
+inverse exchange, so backward issues exactly one collective per forward collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .layout import HeadRange, head_ranges, seq_shard_offsets, seq_shard_sizes
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class ExchangePlan:
+    """How a group of (B, H_i, *, D_i) tensors is split between ranks.
+
+    Attributes:
+        heads: per tensor, the head range each rank owns in the head-sharded layout. Ranges may
+            overlap between ranks (GQA kv heads read by several ranks); ``head_to_seq`` then sums.
+        num_heads: per tensor, the global head count H_i.
+        seq_sizes: tokens each rank owns in the sequence-sharded layout.
+        rank: this rank's index in ``group``.
+    """
+
+    heads: tuple[tuple[HeadRange, ...], ...]
+    num_heads: tuple[int, ...]
+    seq_sizes: tuple[int, ...]
+    rank: int
+    group: dist.ProcessGroup
+
+    @property
+    def world(self) -> int:
+        return len(self.seq_sizes)
+
+
+def _all_to_all(send: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
+    """One real all-to-all of a flat buffer (element splits), on any backend."""
+    out = torch.ops._c10d_functional.all_to_all_single(
+        send, output_splits, input_splits, group.group_name
+    )
+    return torch.ops._c10d_functional.wait_tensor(out)
+
+
+def _seq_to_head(plan: ExchangePlan, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """(B, H_i, n_rank, D_i) -> (B, |heads_i[rank]|, N, D_i), one collective for all tensors."""
+    rank, world = plan.rank, plan.world
+    n_own = plan.seq_sizes[rank]
+    batch = tensors[0].shape[0]
+    dims = [t.shape[-1] for t in tensors]
+
+    # Send buffer: for each destination, every tensor's slice of the heads it owns.
+    send_pieces, input_splits = [], []
+    for dst in range(world):
+        size = 0
+        for t, ranges in zip(tensors, plan.heads):
+            start, stop = ranges[dst]
+            send_pieces.append(t[:, start:stop])
+            size += batch * (stop - start) * n_own * t.shape[-1]
+        input_splits.append(size)
+    send = _pack(send_pieces, tensors[0])
+
+    output_splits = []
+    for src in range(world):
+        width_dims = sum((r[rank][1] - r[rank][0]) * d for r, d in zip(plan.heads, dims))
+        output_splits.append(batch * plan.seq_sizes[src] * width_dims)
+    recv = _all_to_all(send, output_splits, input_splits, plan.group)
+
+    # Receive buffer: for each source, every tensor's slice of its tokens; concat over sources.
+    pieces: list[list[Tensor]] = [[] for _ in tensors]
+    offset = 0
+    for src in range(world):
+        n_src = plan.seq_sizes[src]
+        for i, (ranges, d) in enumerate(zip(plan.heads, dims)):
+            width = ranges[rank][1] - ranges[rank][0]
+            size = batch * width * n_src * d
+            pieces[i].append(recv[offset : offset + size].view(batch, width, n_src, d))
+            offset += size
+    return [torch.cat(p, dim=2) for p in pieces]
+
+
+def _head_to_seq(plan: ExchangePlan, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """(B, |heads_i[rank]|, N, D_i) -> (B, H_i, n_rank, D_i), one collective for all tensors.
+
+    Where several ranks own the same head (GQA kv heads), their contributions are summed: this
+    is the exact adjoint of ``_seq_to_head``, which is what its backward needs.
+    """
+    rank, world = plan.rank, plan.world
+    n_own = plan.seq_sizes[rank]
+    offsets = seq_shard_offsets(list(plan.seq_sizes))
+    batch = tensors[0].shape[0]
+    dims = [t.shape[-1] for t in tensors]
+
+    send_pieces, input_splits = [], []
+    for dst in range(world):
+        lo, n_dst = offsets[dst], plan.seq_sizes[dst]
+        size = 0
+        for t in tensors:
+            send_pieces.append(t[:, :, lo : lo + n_dst])
+            size += batch * t.shape[1] * n_dst * t.shape[-1]
+        input_splits.append(size)
+    send = _pack(send_pieces, tensors[0])
+
+    output_splits = []
+    for src in range(world):
+        width_dims = sum((r[src][1] - r[src][0]) * d for r, d in zip(plan.heads, dims))
+        output_splits.append(batch * n_own * width_dims)
+    recv = _all_to_all(send, output_splits, input_splits, plan.group)
+
+    results = []
+    chunks: list[list[tuple[HeadRange, Tensor]]] = [[] for _ in tensors]
+    offset = 0
+    for src in range(world):
+        for i, (ranges, d) in enumerate(zip(plan.heads, dims)):
+            start, stop = ranges[src]
+            size = batch * (stop - start) * n_own * d
+            chunks[i].append(((start, stop), recv[offset : offset + size].view(batch, stop - start, n_own, d)))
+            offset += size
+    for i, (num_heads, d) in enumerate(zip(plan.num_heads, dims)):
+        if _is_ordered_partition([r for r, _ in chunks[i]], num_heads):
+            results.append(torch.cat([c for _, c in chunks[i]], dim=1))
+        else:
+            out = recv.new_zeros(batch, num_heads, n_own, d)
+            for (start, stop), c in chunks[i]:
+                out[:, start:stop] += c
+            results.append(out)
+    return results
+
+
+def _pack(pieces: list[Tensor], like: Tensor) -> Tensor:
+    """Copy strided pieces into one flat send buffer: one copy, no intermediate flattening."""
+    buf = like.new_empty(sum(p.numel() for p in pieces))
+    offset = 0
+    for p in pieces:
+        buf[offset : offset + p.numel()].view(p.shape).copy_(p)
+        offset += p.numel()
+    return buf
+
+
+def _is_ordered_partition(ranges: list[HeadRange], num_heads: int) -> bool:
+    expected = 0
+    for start, stop in ranges:
+        if start != stop and start != expected:
+            return False
+        expected = max(expected, stop)
+    return expected == num_heads
+
+
+class _SeqToHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: ExchangePlan, *tensors: Tensor):
+        ctx.plan = plan
+        return tuple(_seq_to_head(plan, tensors))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        return (None, *_HeadToSeq.apply(ctx.plan, *grads))
+
+
+class _HeadToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: ExchangePlan, *tensors: Tensor):
+        ctx.plan = plan
+        return tuple(_head_to_seq(plan, tensors))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        return (None, *_SeqToHead.apply(ctx.plan, *grads))
+
+
+def exchange_seq_to_head(plan: ExchangePlan, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Autograd-aware fused sequence->head exchange of ``tensors`` following ``plan``."""
+    return _SeqToHead.apply(plan, *tensors)
+
+
+def exchange_head_to_seq(plan: ExchangePlan, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Autograd-aware fused head->sequence exchange of ``tensors`` following ``plan``."""
+    return _HeadToSeq.apply(plan, *tensors)
+
+
+def group_rank_world(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup, int, int]:
+    """Resolve ``group`` (None = default group) and check this process belongs to it."""
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: call init_process_group first")
+    if group is None:
+        group = dist.group.WORLD
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the given process group"
+        )
+    return group, rank, dist.get_world_size(group)
+
+
+def _check_4d(x: Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(x.shape)}")
+
+
+def resolve_seq_len(n_local: int, seq_len: int | None, rank: int, world: int) -> int:
+    """Global sequence length, checked against this rank's shard size."""
+    if seq_len is None:
+        seq_len = n_local * world
+    sizes = seq_shard_sizes(seq_len, world)
+    if sizes[rank] != n_local:
+        raise ValueError(
+            f"rank {rank} holds {n_local} tokens but a global sequence of {seq_len} over {world} "
+            f"ranks gives it {sizes[rank]} (DTensor Shard layout: ranks hold ceil(N/P) tokens, the "
+            f"last ones fewer); pass seq_len=<global length> for uneven shards"
+        )
+    return seq_len
+
+
+def seq_to_head(x: Tensor, group: dist.ProcessGroup | None = None, *, seq_len: int | None = None) -> Tensor:
+    """Sequence-sharded to head-sharded, one all-to-all.
+
+    Args:
+        x: (B, H, N_r, D), this rank's tokens (DTensor ``Shard(2)`` layout) for all heads.
+        group: the sequence-parallel process group (default: world).
+        seq_len: global N; default ``N_r * P`` (even split).
+
+    Returns:
+        (B, H_r, N, D): every token for this rank's heads. ``H_r`` follows ``head_ranges(H, P)``:
+        ``H % P != 0`` gives the first ranks one extra head.
+    """
+    _check_4d(x, "x")
+    group, rank, world = group_rank_world(group)
+    seq_len = resolve_seq_len(x.shape[2], seq_len, rank, world)
+    plan = ExchangePlan(
+        heads=(tuple(head_ranges(x.shape[1], world)),),
+        num_heads=(x.shape[1],),
+        seq_sizes=tuple(seq_shard_sizes(seq_len, world)),
+        rank=rank,
+        group=group,
+    )
+    return exchange_seq_to_head(plan, x)[0]
+
+
+def head_to_seq(x: Tensor, group: dist.ProcessGroup | None = None, *, num_heads: int | None = None) -> Tensor:
+    """Head-sharded to sequence-sharded, one all-to-all; the inverse of :func:`seq_to_head`.
+
+    Args:
+        x: (B, H_r, N, D), every token for this rank's heads.
+        group: the sequence-parallel process group (default: world).
+        num_heads: global H; default ``H_r * P`` (even split).
+
+    Returns:
+        (B, H, N_r, D): this rank's tokens (DTensor ``Shard(2)`` layout) for all heads.
+    """
+    _check_4d(x, "x")
+    group, rank, world = group_rank_world(group)
+    if num_heads is None:
+        num_heads = x.shape[1] * world
+    ranges = head_ranges(num_heads, world)
+    if ranges[rank][1] - ranges[rank][0] != x.shape[1]:
+        raise ValueError(
+            f"rank {rank} holds {x.shape[1]} heads but {num_heads} heads over {world} ranks give it "
+            f"{ranges[rank][1] - ranges[rank][0]}; pass num_heads=<global head count>"
+        )
+    plan = ExchangePlan(
+        heads=(tuple(ranges),),
+        num_heads=(num_heads,),
+        seq_sizes=tuple(seq_shard_sizes(x.shape[2], world)),
+        rank=rank,
+        group=group,
+    )
+    return exchange_head_to_seq(plan, x)[0]

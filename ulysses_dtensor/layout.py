@@ -1,0 +1,160 @@
+"""Who holds what: sequence shards, head shards and the GQA key/value heads each rank needs.
+
+Pure arithmetic, no communication. Every other module takes its split sizes from here, so the
+sequence layout always matches DTensor's ``Shard(seq_dim)`` (``torch.chunk`` semantics) and the
+head layout is the same on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HeadRange = tuple[int, int]  # [start, stop) of global head indices
+
+
+def seq_shard_sizes(seq_len: int, world: int) -> list[int]:
+    """Tokens held by each rank when ``seq_len`` tokens are sharded over ``world`` ranks.
+
+    Same rule as DTensor ``Shard`` / ``torch.chunk``: every rank but the last ones holds
+    ``ceil(seq_len / world)`` tokens, so a DTensor's local shards and ours always agree.
+    """
+    if world < 1:
+        raise ValueError(f"world size must be >= 1, got {world}")
+    if seq_len < world:
+        raise ValueError(
+            f"sequence length {seq_len} is shorter than the sequence-parallel degree {world}: "
+            f"every rank needs at least one token; use sp <= {seq_len} or a longer sequence"
+        )
+    chunk = -(-seq_len // world)
+    return [max(0, min(chunk, seq_len - r * chunk)) for r in range(world)]
+
+
+def seq_shard_offsets(sizes: list[int]) -> list[int]:
+    """Global index of each rank's first token."""
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += size
+    return offsets
+
+
+def head_ranges(num_heads: int, world: int) -> list[HeadRange]:
+    """Contiguous query-head range of each rank after the all-to-all, balanced to within one.
+
+    ``num_heads % world != 0`` gives the first ``num_heads % world`` ranks one extra head;
+    ``num_heads < world`` leaves some ranks with no head (correct, but idle).
+    """
+    base, extra = divmod(num_heads, world)
+    ranges, start = [], 0
+    for r in range(world):
+        stop = start + base + (1 if r < extra else 0)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
+
+
+def kv_head_ranges(q_ranges: list[HeadRange], num_heads: int, num_kv_heads: int) -> list[HeadRange]:
+    """Key/value heads each rank needs for its query heads under grouped-query attention.
+
+    Query head ``h`` reads key/value head ``h // (num_heads // num_kv_heads)``. A rank receives
+    exactly the kv heads its query heads read, no more: with ``num_kv_heads < world`` several
+    ranks receive the same kv head, never the ``world / num_kv_heads`` copies of repeating
+    kv heads before the exchange.
+    """
+    group = num_heads // num_kv_heads
+    ranges = []
+    for start, stop in q_ranges:
+        if stop == start:
+            ranges.append((0, 0))
+        else:
+            ranges.append((start // group, (stop - 1) // group + 1))
+    return ranges
+
+
+@dataclass(frozen=True)
+class UlyssesLayout:
+    """The complete exchange plan of one attention call over ``world`` ranks.
+
+    Attributes:
+        seq_sizes: tokens per rank in the sequence-sharded layout.
+        q_ranges: query heads per rank in the head-sharded layout.
+        kv_ranges: key/value heads per rank in the head-sharded layout.
+    """
+
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    value_dim: int
+    seq_sizes: tuple[int, ...]
+    q_ranges: tuple[HeadRange, ...]
+    kv_ranges: tuple[HeadRange, ...]
+
+    @staticmethod
+    def build(
+        batch: int,
+        num_heads: int,
+        num_kv_heads: int,
+        seq_len: int,
+        head_dim: int,
+        world: int,
+        value_dim: int | None = None,
+    ) -> "UlyssesLayout":
+        q_ranges = head_ranges(num_heads, world)
+        return UlyssesLayout(
+            batch=batch,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            value_dim=head_dim if value_dim is None else value_dim,
+            seq_sizes=tuple(seq_shard_sizes(seq_len, world)),
+            q_ranges=tuple(q_ranges),
+            kv_ranges=tuple(kv_head_ranges(q_ranges, num_heads, num_kv_heads)),
+        )
+
+    @property
+    def world(self) -> int:
+        return len(self.seq_sizes)
+
+    @property
+    def seq_len(self) -> int:
+        return sum(self.seq_sizes)
+
+    def forward_elements_sent(self, rank: int) -> int:
+        """Elements ``rank`` sends in one forward: q/k/v out, then the attention output back.
+
+        The minimum for this head assignment: every element sent is one the receiver reads and
+        does not hold.
+        """
+        qkv = [self._qkv_width(dst) for dst in range(self.world)]
+        out = [_width(r) * self.value_dim for r in self.q_ranges]
+        return self._seq_to_head_elements(rank, qkv) + self._head_to_seq_elements(rank, out)
+
+    def backward_elements_sent(self, rank: int) -> int:
+        """Elements ``rank`` sends in one backward: grad of the output in, dq/dk/dv back.
+
+        Equal to the forward count when P divides N and the heads; with uneven shards the two
+        directions swap who sends the k/v part, so the counts can differ.
+        """
+        grad_out = [_width(r) * self.value_dim for r in self.q_ranges]
+        qkv = [self._qkv_width(dst) for dst in range(self.world)]
+        return self._seq_to_head_elements(rank, grad_out) + self._head_to_seq_elements(rank, qkv)
+
+    def _qkv_width(self, rank: int) -> int:
+        """Elements per token of the q, k and v heads ``rank`` owns in the head layout."""
+        return _width(self.q_ranges[rank]) * self.head_dim + _width(self.kv_ranges[rank]) * (
+            self.head_dim + self.value_dim
+        )
+
+    def _seq_to_head_elements(self, rank: int, width: list[int]) -> int:
+        # Each destination receives this rank's tokens of the heads it owns.
+        n_own = self.seq_sizes[rank]
+        return sum(self.batch * n_own * width[d] for d in range(self.world) if d != rank)
+
+    def _head_to_seq_elements(self, rank: int, width: list[int]) -> int:
+        # Each destination receives its own tokens of the heads this rank owns.
+        return sum(self.batch * self.seq_sizes[d] * width[rank] for d in range(self.world) if d != rank)
+
+
+def _width(r: HeadRange) -> int:
+    return r[1] - r[0]
