@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -94,6 +95,9 @@ class CollectiveCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if any(issubclass(t, DTensor) for t in types):
+            # Let DTensor desugar first; the collectives it issues come back through this mode.
+            return NotImplemented
         namespace = func.namespace
         if namespace in ("_c10d_functional", "c10d", "_c10d_functional_autograd", "_dtensor"):
             self._record(func._opname, args)
