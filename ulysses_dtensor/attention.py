@@ -56,7 +56,8 @@ def ulysses_attention(
         q, k, v, world=world, rank=rank, attn_mask=attn_mask, is_causal=is_causal,
         enable_gqa=enable_gqa, seq_len=seq_len,
     )
-    local_kernel = resolve_kernel(kernel)
+    local_kernel, check_kernel_inputs = resolve_kernel(kernel)
+    check_kernel_inputs(attn_mask, dropout_p)
     plan = ExchangePlan(
         heads=(layout.q_ranges, layout.kv_ranges, layout.kv_ranges),
         num_heads=(layout.num_heads, layout.num_kv_heads, layout.num_kv_heads),

@@ -48,6 +48,8 @@ class ExchangePlan:
 
 def _all_to_all(send: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
     """One real all-to-all of a flat buffer (element splits), on any backend."""
+    if len(input_splits) == 1:  # a group of one: the buffer is already the result
+        return send
     out = torch.ops._c10d_functional.all_to_all_single(
         send, output_splits, input_splits, group.group_name
     )
@@ -196,6 +198,8 @@ def group_rank_world(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup
         raise RuntimeError("torch.distributed is not initialized: call init_process_group first")
     if group is None:
         group = dist.group.WORLD
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the given process group")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
     rank = dist.get_rank(group)

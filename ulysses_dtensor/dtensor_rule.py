@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .attention import _match_kv_heads, _mask_for_heads
 from .comm import ExchangePlan, _head_to_seq, _seq_to_head
@@ -112,6 +113,14 @@ def _local(value):
     return value._local_tensor if isinstance(value, DTensor) else value
 
 
+def _mask_for_local_batch(mask: torch.Tensor, q: DTensor) -> torch.Tensor:
+    """A replicated mask with a batch dim, cut to this rank's batch rows when q shards batch."""
+    if mask.dim() < 4 or mask.shape[0] == 1 or q._local_tensor.shape[0] == q.shape[0]:
+        return mask
+    _, offset = compute_local_shape_and_global_offset(q.shape, q.device_mesh, q.placements)
+    return mask[offset[0] : offset[0] + q._local_tensor.shape[0]]
+
+
 def _setup(bound: dict, q: DTensor, k: DTensor, v: DTensor):
     for name, t in (("key", k), ("value", v)):
         if not isinstance(t, DTensor) or t.device_mesh != q.device_mesh or t.placements != q.placements:
@@ -135,9 +144,24 @@ def _setup(bound: dict, q: DTensor, k: DTensor, v: DTensor):
                 raise ValueError(f"{name} must be a replicated DTensor of the global (N, N) mask, got {mask.placements}")
             mask = mask._local_tensor
         if isinstance(mask, torch.Tensor):
+            mask = _mask_for_local_batch(mask, q)
             start, stop = layout.q_ranges[rank]
             bound[name] = _mask_for_heads(mask, layout.num_heads, start, stop)
     return layout, rank, group
+
+
+def _call_local_op(op, bound: dict):
+    """The SDPA op on this rank's heads. With no head here (H < P) kernels may crash on empty
+    input, so run one zero head and keep zero heads of the outputs that carry a head dim
+    (output, logsumexp)."""
+    q_h = bound["query"]
+    if q_h.shape[1] > 0:
+        args, kwargs = _unbind(op, bound)
+        return op(*args, **kwargs)
+    one_head = {n: bound[n].new_zeros(bound[n].shape[0], 1, *bound[n].shape[2:]) for n in ("query", "key", "value")}
+    args, kwargs = _unbind(op, {**bound, **one_head, **{m: None for m in _MASK_ARGS if m in bound}})
+    outs = op(*args, **kwargs)
+    return tuple(o[:, :0] if i < 2 else o for i, o in enumerate(outs))
 
 
 def _forward_handler(op, args, kwargs):
@@ -152,7 +176,7 @@ def _forward_handler(op, args, kwargs):
     q_h, k_h, v_h = _seq_to_head(plan, [q._local_tensor, k._local_tensor, v._local_tensor])
     k_h, v_h, _ = _match_kv_heads(q_h, k_h, v_h, layout, rank)
     bound.update(query=q_h, key=k_h, value=v_h)
-    outs = op(*_unbind(op, bound)[0], **_unbind(op, bound)[1])
+    outs = _call_local_op(op, bound)
     out_plan = ExchangePlan((layout.q_ranges,), (layout.num_heads,), layout.seq_sizes, rank, group)
     (out,) = _head_to_seq(out_plan, [outs[0]])
     global_out_shape = (*q.shape[:3], v.shape[3])
@@ -176,7 +200,11 @@ def _backward_handler(op, args, kwargs):
     k_x, v_x, _ = _match_kv_heads(q_h, k_h, v_h, layout, rank)
     local = {n: _local(x) for n, x in bound.items()}
     local.update({"query": q_h, "key": k_x, "value": v_x, "out": out_h, grad_name: grad_h})
-    grads = op(*_unbind(op, local)[0], **_unbind(op, local)[1])
+    if q_h.shape[1] == 0:  # no head on this rank (H < P): nothing to compute, still exchange
+        grads = (q_h, k_h.new_zeros(k_h.shape), v_h.new_zeros(v_h.shape))
+    else:
+        args, kwargs = _unbind(op, local)
+        grads = op(*args, **kwargs)
     dq_h, dk_h, dv_h = grads[0], grads[1], grads[2]
     if k_x is not k_h:  # kv heads were expanded for a non-uniform local grouping: sum back
         start, stop = layout.q_ranges[rank]

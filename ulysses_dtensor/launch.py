@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import tempfile
 import time
@@ -37,6 +38,7 @@ class RankContext:
     rank: int
     world: int
     group: dist.ProcessGroup
+    groups: dict = field(default_factory=dict, repr=False)  # p -> group of ranks 0..p-1, for every p
     _meshes: dict = field(default_factory=dict, repr=False)
 
     def mesh(self, dim_name: str = "sp"):
@@ -63,8 +65,9 @@ def _worker(rank: int, world: int, init_file: str, collective_timeout_s: float, 
         timeout=datetime.timedelta(seconds=collective_timeout_s),
     )
     # Subgroups of ranks 0..p-1 for every p, created once (new_group is collective over all ranks).
-    groups = {p: dist.new_group(list(range(p))) for p in range(1, world + 1)}
-    contexts = {p: RankContext(rank, p, groups[p]) for p in range(1, world + 1) if rank < p}
+    timeout = datetime.timedelta(seconds=collective_timeout_s)
+    groups = {p: dist.new_group(list(range(p)), timeout=timeout) for p in range(1, world + 1)}
+    contexts = {p: RankContext(rank, p, groups[p], groups) for p in range(1, world + 1) if rank < p}
     conn.send(("ready", None))
     while True:
         message = conn.recv()
@@ -98,12 +101,14 @@ class RankGroup:
         *,
         call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
         collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+        grace_after_error_s: float = 10.0,
     ):
         if world < 1:
             raise ValueError(f"world must be >= 1, got {world}")
         self.world = world
         self.call_timeout_s = call_timeout_s
         self.collective_timeout_s = collective_timeout_s
+        self.grace_after_error_s = grace_after_error_s
         self._procs: list = []
         self._conns: list = []
         self._tmpdir: tempfile.TemporaryDirectory | None = None
@@ -128,29 +133,42 @@ class RankGroup:
     def _collect(self, ranks, timeout_s: float, what: str) -> dict[int, tuple[str, Any]]:
         replies: dict[int, tuple[str, Any]] = {}
         deadline = _now() + timeout_s
-        for rank in ranks:
-            conn, proc = self._conns[rank], self._procs[rank]
-            while True:
-                remaining = deadline - _now()
-                if conn.poll(min(max(remaining, 0.0), 1.0)):
+        pending = set(ranks)
+        while pending:
+            waitables = [self._conns[r] for r in pending] + [self._procs[r].sentinel for r in pending]
+            mp_connection.wait(waitables, timeout=max(deadline - _now(), 0.0))
+            for rank in sorted(pending):
+                conn, proc = self._conns[rank], self._procs[rank]
+                if conn.poll():
                     try:
                         replies[rank] = conn.recv()
                     except EOFError:
                         replies[rank] = ("died", f"rank {rank} exited with code {proc.exitcode}")
-                    break
-                if not proc.is_alive():
+                elif not proc.is_alive():
                     replies[rank] = ("died", f"rank {rank} exited with code {proc.exitcode}")
-                    break
-                if remaining <= 0:
-                    replies[rank] = ("timeout", f"rank {rank} gave no answer to {what} within {timeout_s:.0f} s")
-                    break
-        bad = {r: v for r, v in replies.items() if v[0] in ("died", "timeout")}
-        if bad:
+                else:
+                    continue
+                pending.discard(rank)
+                if replies[rank][0] != "ok":
+                    # A failed rank can leave the others blocked in a collective: give them a
+                    # short grace period, not the whole call timeout.
+                    deadline = min(deadline, _now() + self.grace_after_error_s)
+            if pending and _now() >= deadline:
+                for rank in pending:
+                    replies[rank] = (
+                        "timeout",
+                        f"rank {rank} gave no answer to {what} in time ({timeout_s:.0f} s, or "
+                        f"{self.grace_after_error_s:.0f} s after another rank failed)",
+                    )
+                break
+        if any(v[0] in ("died", "timeout") for v in replies.values()):
             self.close(force=True)
-            raise RankFailure(
-                f"{what} failed: " + "; ".join(v[1] for v in bad.values()),
-                {r: (v[0], v[1]) for r, v in bad.items()},
-            )
+            failed = {r: v for r, v in sorted(replies.items()) if v[0] != "ok"}
+            # Ranks that raised come first: their tracebacks are the cause, the rest the effect.
+            errors = {r: v[1] for r, v in failed.items() if v[0] == "error"}
+            errors.update({r: (v[0], v[1]) for r, v in failed.items() if v[0] != "error"})
+            lines = [f"rank {r} raised {e[0]}:\n{e[1]}" if failed[r][0] == "error" else e[1] for r, e in errors.items()]
+            raise RankFailure(f"{what} failed:\n" + "\n".join(lines), errors)
         return replies
 
     def run(self, fn: Callable[..., Any], *args: Any, world: int | None = None, timeout_s: float | None = None, **kwargs: Any) -> list[Any]:

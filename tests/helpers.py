@@ -1,0 +1,39 @@
+"""Shared test helpers: inputs drawn from a seed, shard slicing, relative error."""
+
+from __future__ import annotations
+
+import torch
+
+from ulysses_dtensor.layout import seq_shard_offsets, seq_shard_sizes
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def seq_slice(t: torch.Tensor, rank: int, world: int, dim: int = 2) -> torch.Tensor:
+    """This rank's sequence shard of a global tensor (DTensor Shard layout)."""
+    sizes = seq_shard_sizes(t.shape[dim], world)
+    return t.narrow(dim, seq_shard_offsets(sizes)[rank], sizes[rank])
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max(|expected|, tiny)."""
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual.double() - expected.double()).abs().max() / scale.double()).item()
+
+
+def make_mask(kind: str, shape_kind: str, B: int, H: int, N: int, dtype, gen: torch.Generator):
+    """A global attention mask: bool (diagonal always allowed, so no row is empty) or additive."""
+    shapes = {
+        "NN": (N, N),
+        "11NN": (1, 1, N, N),
+        "B1NN": (B, 1, N, N),
+        "BHNN": (B, H, N, N),
+        "HNN": (H, N, N),
+    }
+    shape = shapes[shape_kind]
+    if kind == "bool":
+        mask = torch.rand(shape, generator=gen) > 0.4
+        return mask | torch.eye(N, dtype=torch.bool)
+    if kind == "additive":
+        return torch.randn(shape, generator=gen, dtype=dtype)
+    raise ValueError(kind)

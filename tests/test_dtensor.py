@@ -1,0 +1,143 @@
+"""F.scaled_dot_product_attention on Shard(2) DTensors: Ulysses via the DTensor rule."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+import ulysses_dtensor
+from helpers import TOL, make_mask, rel_err
+from ulysses_dtensor import CollectiveCounter
+
+
+def _mesh(ctx, shape):
+    if shape is None:
+        return ctx.mesh("sp"), [Shard(2)]
+    from torch.distributed.device_mesh import init_device_mesh
+
+    key = ("dp_sp", shape)
+    if key not in ctx._meshes:
+        ctx._meshes[key] = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "sp"))
+    return ctx._meshes[key], [Shard(0), Shard(2)]
+
+
+def _rank_dtensor_sdpa(ctx, q, k, v, grad_out, kwargs, mesh_shape=None):
+    mesh, placements = _mesh(ctx, mesh_shape)
+    q, k, v = (distribute_tensor(t, mesh, placements).requires_grad_() for t in (q, k, v))
+    if "attn_mask" in kwargs:
+        kwargs = dict(kwargs, attn_mask=distribute_tensor(kwargs["attn_mask"], mesh, [Replicate()] * mesh.ndim))
+    with CollectiveCounter() as counter:
+        out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        forward = dict(counter.counts())
+        counter.reset()
+        out.backward(distribute_tensor(grad_out, mesh, placements))
+        backward = dict(counter.counts())
+    return (
+        tuple(out.placements), out.full_tensor().detach(), q.grad.full_tensor(), k.grad.full_tensor(),
+        v.grad.full_tensor(), forward, backward, tuple(q.grad.placements),
+    )
+
+
+@st.composite
+def cases(draw):
+    world = draw(st.integers(1, 4))
+    kv = draw(st.integers(1, 4))
+    return dict(
+        world=world, B=draw(st.integers(1, 2)), Hkv=kv, H=kv * draw(st.sampled_from([1, 2, 3])),
+        N=draw(st.integers(world, 30)), D=draw(st.sampled_from([2, 8])),
+        mask=draw(st.sampled_from(["none", "causal", "bool", "additive"])),
+        dtype=draw(st.sampled_from([torch.float64, torch.float32])), seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _check(ranks4, c, mesh_shape=None):
+    gen = torch.Generator().manual_seed(c["seed"])
+    B, H, Hkv, N, D, dtype = c["B"], c["H"], c["Hkv"], c["N"], c["D"], c["dtype"]
+    q = torch.randn(B, H, N, D, generator=gen, dtype=dtype)
+    k, v = (torch.randn(B, Hkv, N, D, generator=gen, dtype=dtype) for _ in range(2))
+    grad_out = torch.randn(B, H, N, D, generator=gen, dtype=dtype)
+    kwargs = dict(enable_gqa=H != Hkv)
+    if c["mask"] == "causal":
+        kwargs["is_causal"] = True
+    elif c["mask"] != "none":
+        kwargs["attn_mask"] = make_mask(c["mask"], "B1NN", B, H, N, dtype, gen)
+    world = c["world"] if mesh_shape is None else mesh_shape[0] * mesh_shape[1]
+    results = ranks4.run(_rank_dtensor_sdpa, q, k, v, grad_out, kwargs, mesh_shape, world=world)
+
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, **kwargs)
+    ref.backward(grad_out)
+    placements, out, dq, dk, dv, forward, backward, grad_placements = results[0]
+    expected_placements = (Shard(2),) if mesh_shape is None else (Shard(0), Shard(2))
+    assert placements == expected_placements and grad_placements == expected_placements
+    for name, got, want in [("out", out, ref), ("dq", dq, ref_in[0].grad), ("dk", dk, ref_in[1].grad), ("dv", dv, ref_in[2].grad)]:
+        assert rel_err(got, want) <= TOL[dtype], (name, rel_err(got, want), c)
+    sp = world if mesh_shape is None else mesh_shape[1]
+    # Exactly one all-to-all each way per direction; never DTensor's all-gather fallback.
+    # (The final full_tensor() calls run outside the counter.)
+    expected = {"all_to_all": 2} if sp > 1 else {}
+    for r in results:
+        assert r[5] == expected and r[6] == expected, (r[5], r[6])
+
+
+@given(c=cases())
+def test_dtensor_sdpa_is_ulysses_and_exact(ranks4, c):
+    _check(ranks4, c)
+
+
+@settings(max_examples=8)
+@given(c=cases())
+def test_dtensor_sdpa_on_dp_sp_mesh(ranks4, c):
+    """(dp=2, sp=2) mesh: batch sharded over dp (local), sequence over sp (Ulysses)."""
+    c["B"] = 2
+    c["N"] = max(c["N"], 2)
+    _check(ranks4, c, mesh_shape=(2, 2))
+
+
+def _rank_redistribute_shard_to_shard(ctx, x):
+    d = distribute_tensor(x, ctx.mesh(), [Shard(2)])
+    with CollectiveCounter() as counter:
+        d.redistribute(ctx.mesh(), [Shard(1)]).to_local()
+    return dict(counter.counts())
+
+
+def test_counter_sees_dtensors_all_gather_fallback(ranks4):
+    """The counter is able to fail the test above: DTensor's own Shard(2)->Shard(1) on CPU
+    shows up as all-gather, not all-to-all."""
+    counts = ranks4.run(_rank_redistribute_shard_to_shard, torch.randn(1, 8, 8, 2), world=4)
+    assert all(c.get("all_gather", 0) >= 1 and "all_to_all" not in c for c in counts), counts
+
+
+def _rank_replicated_sdpa(ctx, q):
+    d = distribute_tensor(q, ctx.mesh(), [Replicate()])
+    with CollectiveCounter() as counter:
+        try:
+            out = F.scaled_dot_product_attention(d, d, d).full_tensor()
+        except Exception as exc:  # noqa: BLE001
+            out = type(exc).__name__
+    return out, dict(counter.counts())
+
+
+def test_inputs_without_sequence_sharding_are_left_to_dtensor(ranks4):
+    q = torch.randn(1, 4, 8, 2, dtype=torch.float64)
+    with_rule = ranks4.run(_rank_replicated_sdpa, q, world=2)
+    assert all("all_to_all" not in r[1] for r in with_rule)
+    if isinstance(with_rule[0][0], torch.Tensor):
+        assert rel_err(with_rule[0][0], F.scaled_dot_product_attention(q, q, q)) <= 1e-12
+
+
+def test_register_is_idempotent_and_unregister_restores():
+    from torch.distributed.tensor import DTensor
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    handlers = DTensor._op_dispatcher._custom_op_handlers
+    ulysses_dtensor.register()
+    ulysses_dtensor.register()
+    assert op in handlers
+    ulysses_dtensor.unregister()
+    assert op not in handlers
+    ulysses_dtensor.register()
+    assert op in handlers
