@@ -14,10 +14,16 @@ want="$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -c1-16)-$EX
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo ">> setting up $VENV (torch 2.13.0 CPU from the local wheel; extras: $EXTRAS)" >&2
   python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -c scripts/constraints.txt torch==2.13.0
-  "$VENV/bin/python" -m pip install --quiet -c scripts/constraints.txt -e ".[$EXTRAS]"
+  log="$VENV/install.log"
+  if ! { "$VENV/bin/python" -m pip install --upgrade pip \
+         && "$VENV/bin/python" -m pip install -c scripts/constraints.txt torch==2.13.0 \
+         && "$VENV/bin/python" -m pip install -c scripts/constraints.txt -e ".[$EXTRAS]"; } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo ">> environment setup failed; full log: $log" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
+  echo ">> environment ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))" >&2
 fi
 
 job="${1:-demo}"; shift || true
