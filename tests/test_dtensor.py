@@ -141,3 +141,21 @@ def test_register_is_idempotent_and_unregister_restores():
     assert op not in handlers
     ulysses_dtensor.register()
     assert op in handlers
+
+
+def _rank_mismatched_placements(ctx):
+    mesh = ctx.mesh()
+    x = torch.randn(1, 4, 8, 2)
+    q = distribute_tensor(x, mesh, [Shard(2)])
+    k = distribute_tensor(x, mesh, [Replicate()])
+    with CollectiveCounter() as counter:
+        try:
+            F.scaled_dot_product_attention(q, k, q)
+        except Exception as exc:  # noqa: BLE001
+            return type(exc).__name__, str(exc), len(counter.records)
+    return None, "", len(counter.records)
+
+
+def test_mismatched_placements_are_refused_before_any_collective(ranks4):
+    for name, msg, collectives in ranks4.run(_rank_mismatched_placements, world=2):
+        assert name == "ValueError" and "same placements" in msg and collectives == 0, (name, msg)
