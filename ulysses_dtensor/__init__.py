@@ -8,11 +8,21 @@ from .attention import ulysses_attention
 from .comm import head_to_seq, seq_to_head
 from .comm_counter import CollectiveCounter
 from .dtensor_rule import register, unregister
+from .inputs import gather_sequence, shard_batch
 from .layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
+from .mesh import init_mesh
+from .parallelize import UlyssesConfig, parallelize_module
+from .rewrite import token_weighted_cross_entropy
 
 __all__ = [
     "CollectiveCounter",
+    "UlyssesConfig",
     "UlyssesLayout",
+    "gather_sequence",
+    "init_mesh",
+    "parallelize_module",
+    "shard_batch",
+    "token_weighted_cross_entropy",
     "head_ranges",
     "head_to_seq",
     "kv_head_ranges",

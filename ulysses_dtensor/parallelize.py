@@ -1,0 +1,231 @@
+"""``parallelize_module(model, mesh)``: Ulysses sequence parallelism for an unmodified model.
+
+The recipe, in order:
+
+1. check the mesh and the model (refuse what cannot be made exact, before any collective);
+2. wrap the model's forward: shard the inputs along the sequence, keep positions global, and run
+   the original forward inside :class:`~ulysses_dtensor.rewrite.UlyssesFunctionMode`, which turns
+   every ``F.scaled_dot_product_attention`` into Ulysses attention and every mean cross-entropy
+   into the global token-weighted mean;
+3. FSDP2 ``fully_shard`` per transformer block and on the root over all dp × sp ranks.
+
+The forward wrapper is an instance attribute, so the model keeps its class, its methods and its
+state-dict keys, and ``torch.compile(model)`` traces through the wrapper.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from . import hf
+from .fsdp import apply_fsdp, find_blocks
+from .inputs import IGNORE_INDEX, local_slice, shift_labels
+from .layout import seq_shard_offsets, seq_shard_sizes
+from .mesh import check_mesh, dp_sp_mesh, sp_mesh
+from .rewrite import UlyssesFunctionMode
+
+
+# Forward arguments taking token positions (HF: position_ids; torchtitan: positions). When the
+# caller gives none, the global positions of this rank's tokens are passed, so RoPE is exact.
+POSITION_ARGS = ("position_ids", "positions")
+
+
+@dataclass
+class UlyssesConfig:
+    """Options of :func:`parallelize_module`; the defaults suit causal LMs.
+
+    Attributes:
+        kernel: local attention kernel ("sdpa", "flex", "flash" or a callable).
+        fsdp: apply FSDP2 over all dp × sp ranks (gradients summed; see ``fsdp.apply_fsdp``).
+        block_classes: FSDP units (classes or class names); default: detected.
+        reshard_after_forward: FSDP2 ``reshard_after_forward``.
+        rewrite_loss: make mean cross-entropy inside the forward the global token-weighted mean.
+        position_buffers: names of buffers indexed by position (RoPE tables sliced ``[:N]``);
+            each rank sees the rows of its global positions. Default: buffers named ``*freqs_cis``.
+        ignore_index: label value excluded from the loss.
+    """
+
+    kernel: str | Callable = "sdpa"
+    fsdp: bool = True
+    block_classes: tuple | None = None
+    reshard_after_forward: bool = True
+    rewrite_loss: bool = True
+    position_buffers: tuple[str, ...] | None = None
+    ignore_index: int = IGNORE_INDEX
+
+
+def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig | None = None) -> nn.Module:
+    """Make ``model`` sequence parallel over ``mesh["sp"]`` (and FSDP over dp × sp); returns it.
+
+    Args:
+        model: an unmodified model calling ``F.scaled_dot_product_attention`` (plain PyTorch, Hugging
+            Face with ``attn_implementation="sdpa"``). Its parameters must be identical on all ranks.
+        mesh: a 1-D ("sp",) or 2-D ("dp", "sp") DeviceMesh, e.g. :func:`init_mesh`.
+        config: :class:`UlyssesConfig`.
+
+    Afterwards ``model(input_ids)`` takes the global batch of this dp replica (the same on every sp
+    rank) or the output of :func:`shard_batch`, computes on this rank's N/P tokens, and returns
+    this rank's outputs (``gather_sequence`` reassembles them); losses are global means.
+    """
+    config = config or UlyssesConfig()
+    check_mesh(mesh)
+    _check_model(model)
+    wrapper = _SequenceParallelForward(model, mesh, config)
+    model.forward = wrapper  # instance attribute: nn.Module.__call__ (and its hooks) call it
+    if config.fsdp:
+        blocks = find_blocks(model, config.block_classes)
+        apply_fsdp(model, dp_sp_mesh(mesh), blocks, config.reshard_after_forward)
+    # Registered last with prepend: the input checks run before FSDP's pre-forward all-gather,
+    # so bad input raises on every rank before any collective.
+    model.register_forward_pre_hook(wrapper.check_inputs, prepend=True, with_kwargs=True)
+    return model
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model.forward, _SequenceParallelForward):
+        raise ValueError(f"{type(model).__name__} is already parallelized")
+    if hf.is_hf_model(model):
+        hf.use_ulysses_attention(model)
+
+
+class _SequenceParallelForward:
+    """The replacement ``forward``: shard inputs, global positions, rewritten attention/loss."""
+
+    def __init__(self, model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig):
+        self.model_name = type(model).__name__
+        self.original = model.forward
+        self.config = config
+        self.mesh_sp = sp_mesh(mesh)
+        self.sp_group = self.mesh_sp.get_group()
+        self.rank, self.world = self.mesh_sp.get_local_rank(), self.mesh_sp.size()
+        self.loss_group = dp_sp_mesh(mesh).get_group() if config.rewrite_loss else None
+        signature = inspect.signature(self.original)
+        self.params = set(signature.parameters)
+        self.var_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        self.positional = [
+            n for n, p in signature.parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        self.position_buffers = _find_position_buffers(model, config.position_buffers)
+        self.verified = False
+
+    def accepts(self, name: str) -> bool:
+        return name in self.params or self.var_kwargs
+
+    def __call__(self, *args, **kwargs):
+        args, kwargs, seq_len = self.shard_inputs(args, kwargs)
+        offset = seq_shard_offsets(seq_shard_sizes(seq_len, self.world))[self.rank]
+        n_local = seq_shard_sizes(seq_len, self.world)[self.rank]
+        full = {}
+        for module, name, table in self.position_buffers:
+            full[(module, name)] = module._buffers[name]
+            module._buffers[name] = table[offset : offset + n_local]
+        mode = UlyssesFunctionMode(self.sp_group, seq_len, self.loss_group, self.config.kernel)
+        hf.current_seq_len["value"] = seq_len
+        try:
+            with mode:
+                out = self.original(*args, **kwargs)
+        finally:
+            for (module, name), table in full.items():
+                module._buffers[name] = table
+            hf.current_seq_len.pop("value", None)
+        if not self.verified and not torch.compiler.is_compiling():
+            if mode.attention_calls == 0:
+                raise RuntimeError(
+                    f"parallelize_module: {self.model_name}.forward made no F.scaled_dot_product_attention "
+                    "call, so its attention (e.g. a manual softmax(QK^T)) saw only this rank's tokens and "
+                    "the result is wrong. Use F.scaled_dot_product_attention (HF: attn_implementation='sdpa')"
+                )
+            self.verified = True
+        return out
+
+    def check_inputs(self, module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: every input check, before any collective (FSDP's included)."""
+        named = self.named_inputs(args, kwargs)
+        seq_len = _global_seq_len(named, self.model_name)
+        seq_shard_sizes(seq_len, self.world)  # raises for a sequence shorter than sp
+        _check_attention_mask(named.get("attention_mask"), self.model_name)
+
+    def named_inputs(self, args: tuple, kwargs: dict) -> dict:
+        if len(args) > len(self.positional):
+            raise TypeError(f"{self.model_name}.forward got more positional arguments than it declares")
+        named = dict(zip(self.positional, args))
+        named.update(kwargs)
+        return named
+
+    def shard_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, int]:
+        """Slice global tensors, unwrap sharded DTensors; add global positions and shifted labels."""
+        named = self.named_inputs(args, kwargs)
+        seq_len = _global_seq_len(named, self.model_name)
+        if named.get("attention_mask") is not None:
+            _check_attention_mask(named["attention_mask"], self.model_name)
+            named["attention_mask"] = None
+        labels = named.get("labels")
+        if isinstance(labels, torch.Tensor) and not isinstance(labels, DTensor) and self.accepts("shift_labels"):
+            named.setdefault("shift_labels", shift_labels(labels, self.config.ignore_index))
+        ref = next(t for t in named.values() if isinstance(t, torch.Tensor) and t.dim() >= 2)
+        position_arg = next((n for n in POSITION_ARGS if n in self.params), None)
+        if position_arg is None and self.var_kwargs:
+            position_arg = "position_ids"
+        if position_arg is not None and named.get(position_arg) is None:
+            named[position_arg] = torch.arange(seq_len, device=ref.device).expand(ref.shape[0], seq_len)
+        if "use_cache" in self.params and named.get("use_cache") is None:
+            named["use_cache"] = False
+        for name, value in named.items():
+            if isinstance(value, DTensor):
+                named[name] = value.to_local()
+            elif isinstance(value, torch.Tensor) and value.dim() >= 2:
+                named[name] = local_slice(value, self.rank, self.world, seq_len).contiguous()
+        return (), named, seq_len
+
+
+def _check_attention_mask(mask, model_name: str) -> None:
+    if mask is None:
+        return
+    local = mask.to_local() if isinstance(mask, DTensor) else mask
+    if local.dim() != 2 or not bool(local.all()):
+        raise ValueError(
+            f"{model_name}: attention_mask must be absent or all ones (no padding) under sequence "
+            "parallelism; causal masking is applied over the global sequence"
+        )
+
+
+def _global_seq_len(named: dict, model_name: str) -> int:
+    lengths = {}
+    for name, value in named.items():
+        if isinstance(value, DTensor):
+            if value.placements != (Shard(1),):
+                raise ValueError(f"{model_name}: DTensor input {name!r} must be placed Shard(1) on the sp mesh, got {value.placements}")
+            lengths[name] = value.shape[1]
+        elif isinstance(value, torch.Tensor) and value.dim() >= 2:
+            lengths[name] = value.shape[1]
+    if not lengths:
+        raise ValueError(f"{model_name}: no input tensor with a sequence dim (dim 1) to shard")
+    if len(set(lengths.values())) != 1:
+        raise ValueError(
+            f"{model_name}: inputs disagree on the sequence length (dim 1): {lengths}; every input tensor "
+            "with 2+ dims is sliced along dim 1"
+        )
+    return next(iter(lengths.values()))
+
+
+def _find_position_buffers(model: nn.Module, names: tuple[str, ...] | None):
+    """(module, buffer name, full table) for each position-indexed buffer."""
+    found, seen = [], set()
+    for full_name, buffer in model.named_buffers():
+        module_name, _, name = full_name.rpartition(".")
+        if (names is None and name.endswith("freqs_cis")) or (names is not None and full_name in names):
+            found.append((model.get_submodule(module_name), name, buffer))
+            seen.add(full_name)
+    missing = set(names or ()) - seen
+    if missing:
+        raise ValueError(f"position_buffers not found in the model: {sorted(missing)}")
+    return found

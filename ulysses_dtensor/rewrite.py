@@ -1,0 +1,95 @@
+"""Rewrite attention and loss calls of an unmodified model while its forward runs.
+
+:class:`UlyssesFunctionMode` is a ``TorchFunctionMode`` entered around the model's forward:
+
+* ``F.scaled_dot_product_attention`` on this rank's tokens becomes :func:`ulysses_attention`
+  over the sequence-parallel group (any model calling SDPA, Hugging Face's "sdpa" attention
+  included);
+* ``F.cross_entropy(..., reduction="mean")`` becomes the *global* token-weighted mean over the
+  loss group: every rank's value is the single-process loss on the whole batch, and each rank's
+  gradient path carries its own tokens' share, so summing gradients over ranks (FSDP with a
+  divide factor of 1) gives the single-process gradient.
+
+torch.compile traces through the mode (fullgraph included), so the same rewrite serves eager
+and compiled models.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .attention import ulysses_attention
+
+_SDPA_SIGNATURE = inspect.signature(
+    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None
+)
+_CE_SIGNATURE = inspect.signature(
+    lambda input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean", label_smoothing=0.0: None
+)
+
+
+def token_weighted_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    group: dist.ProcessGroup,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Mean cross-entropy over the non-ignored tokens of *all* ranks of ``group``.
+
+    logits: (T, V) or (B, V, ...) of this rank's tokens; target: matching class indices.
+    The value is the global mean on every rank; the gradient is this rank's share
+    ``∂(local_sum / global_count)``, so gradients summed over ranks equal the single-process one.
+    """
+    local_sum = F.cross_entropy(
+        logits, target, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
+    )
+    count = (target != ignore_index).sum().to(local_sum.dtype)
+    global_count = funcol.all_reduce(count, "sum", group)
+    share = local_sum / global_count
+    total = funcol.all_reduce(share.detach(), "sum", group)
+    return share + (total - share.detach())
+
+
+class UlyssesFunctionMode(TorchFunctionMode):
+    """Route attention to Ulysses and mean losses to the global mean, inside a forward.
+
+    Args:
+        sp_group: the sequence-parallel group (attention).
+        seq_len: the global sequence length of this forward.
+        loss_group: the group a loss mean spans (all dp × sp ranks), or None to leave losses.
+        kernel: local attention kernel for :func:`ulysses_attention`.
+    """
+
+    def __init__(self, sp_group, seq_len: int, loss_group=None, kernel="sdpa"):
+        super().__init__()
+        self.sp_group = sp_group
+        self.seq_len = seq_len
+        self.loss_group = loss_group
+        self.kernel = kernel
+        self.attention_calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            bound = _SDPA_SIGNATURE.bind(*args, **kwargs).arguments
+            self.attention_calls += 1
+            q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
+            return ulysses_attention(q, k, v, self.sp_group, seq_len=self.seq_len, kernel=self.kernel, **bound)
+        if func is F.cross_entropy and self.loss_group is not None:
+            bound = _CE_SIGNATURE.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            if a["reduction"] == "mean" and a["weight"] is None and a["size_average"] is None and a["reduce"] is None:
+                return token_weighted_cross_entropy(
+                    a["input"], a["target"], self.loss_group, ignore_index=a["ignore_index"],
+                    label_smoothing=a["label_smoothing"],
+                )
+        return func(*args, **kwargs)
