@@ -52,15 +52,20 @@ def _build(kind: str, dtype):
     raise ValueError(kind)
 
 
-def _loss_and_logits(kind, model, tokens, labels):
+def _loss_and_logits(kind, model, tokens, labels, mesh=None):
     if kind == "gpt":
         logits, loss = model(tokens, labels)
         return loss, logits
-    out = model(input_ids=tokens, labels=labels)
+    if mesh is not None:  # the data-loader path: shard_batch hands each rank DTensor shards
+        from ulysses_dtensor import shard_batch
+
+        out = model(**shard_batch({"input_ids": tokens, "labels": labels}, mesh))
+    else:
+        out = model(input_ids=tokens, labels=labels)
     return out.loss, out.logits
 
 
-def _rank_train_step(ctx, kind, dp, sp, N, dtype, compile_backend=None):
+def _rank_train_step(ctx, kind, dp, sp, N, dtype, compile_backend=None, via_shard_batch=False):
     import ulysses_dtensor as U
 
     mesh = _mesh(ctx, dp, sp)
@@ -84,7 +89,7 @@ def _rank_train_step(ctx, kind, dp, sp, N, dtype, compile_backend=None):
     d = mesh.get_local_rank("dp") if mesh.ndim == 2 else 0
     rows = slice(d * B, (d + 1) * B)
     run = torch.compile(model, backend=compile_backend) if compile_backend else model
-    loss, logits = _loss_and_logits(kind, run, tokens[rows], labels[rows])
+    loss, logits = _loss_and_logits(kind, run, tokens[rows], labels[rows], mesh if via_shard_batch else None)
     loss.backward()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     opt.step()
@@ -145,6 +150,12 @@ def test_hf_causal_lm_matches_single_process(ranks4, kind, sp, N):
     """HF models with GQA (8 heads, 2 kv heads), their own loss (labels shifted inside HF)."""
     results = ranks4.run(_rank_train_step, kind, 1, sp, N, torch.float64, world=sp)
     _assert_close(results, 1e-10, f"{kind} sp={sp} N={N}", loss_tol=1e-6)
+
+
+def test_shard_batch_inputs_match_single_process(ranks4):
+    """The data-loader path: shard_batch (labels shifted before sharding, global positions)."""
+    results = ranks4.run(_rank_train_step, "llama", 2, 2, 27, torch.float64, None, True, world=4)
+    _assert_close(results, 1e-10, "llama via shard_batch", loss_tol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["gpt", "llama"])

@@ -58,7 +58,7 @@ def shard_batch(
     if not isinstance(batch, dict):
         raise TypeError(f"batch must be a tensor or a dict of tensors, got {type(batch).__name__}")
     batch = dict(batch)
-    seq_len = _common_seq_len({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    seq_len = global_seq_len(batch, "shard_batch")
     mask = batch.pop("attention_mask", None)
     if mask is not None and not bool(mask.all()):
         raise ValueError(
@@ -81,12 +81,23 @@ def _to_shard(t: torch.Tensor, mesh_sp: DeviceMesh) -> DTensor:
     return DTensor.from_local(local, mesh_sp, [Shard(1)], run_check=False, shape=t.shape, stride=t.stride())
 
 
-def _common_seq_len(tensors: dict[str, torch.Tensor]) -> int:
-    lengths = {k: v.shape[1] for k, v in tensors.items() if v.dim() >= 2}
+def global_seq_len(named: dict, model_name: str) -> int:
+    """The sequence length (dim 1) all inputs share; DTensors count with their global shape."""
+    lengths = {}
+    for name, value in named.items():
+        if isinstance(value, DTensor):
+            if value.placements != (Shard(1),):
+                raise ValueError(f"{model_name}: DTensor input {name!r} must be placed Shard(1) on the sp mesh, got {value.placements}")
+            lengths[name] = value.shape[1]
+        elif isinstance(value, torch.Tensor) and value.dim() >= 2:
+            lengths[name] = value.shape[1]
     if not lengths:
-        raise ValueError("no input tensor with a sequence dim (dim 1) to shard")
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"inputs disagree on the sequence length (dim 1): {lengths}")
+        raise ValueError(f"{model_name}: no input tensor with a sequence dim (dim 1) to shard")
+    if len(set(lengths.values())) != 1:
+        raise ValueError(
+            f"{model_name}: inputs disagree on the sequence length (dim 1): {lengths}; every input tensor "
+            "with 2+ dims is sliced along dim 1"
+        )
     return next(iter(lengths.values()))
 
 

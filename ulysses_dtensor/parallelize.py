@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from . import hf
 from .fsdp import apply_fsdp, find_blocks
-from .inputs import IGNORE_INDEX, local_slice, shift_labels
+from .inputs import IGNORE_INDEX, global_seq_len, local_slice, shift_labels
 from .layout import seq_shard_offsets, seq_shard_sizes
 from .mesh import check_mesh, dp_sp_mesh, sp_mesh
 from .rewrite import UlyssesFunctionMode
@@ -150,7 +150,7 @@ class _SequenceParallelForward:
     def check_inputs(self, module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: every input check, before any collective (FSDP's included)."""
         named = self.named_inputs(args, kwargs)
-        seq_len = _global_seq_len(named, self.model_name)
+        seq_len = global_seq_len(named, self.model_name)
         seq_shard_sizes(seq_len, self.world)  # raises for a sequence shorter than sp
         _check_attention_mask(named.get("attention_mask"), self.model_name)
 
@@ -164,7 +164,7 @@ class _SequenceParallelForward:
     def shard_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, int]:
         """Slice global tensors, unwrap sharded DTensors; add global positions and shifted labels."""
         named = self.named_inputs(args, kwargs)
-        seq_len = _global_seq_len(named, self.model_name)
+        seq_len = global_seq_len(named, self.model_name)
         if named.get("attention_mask") is not None:
             _check_attention_mask(named["attention_mask"], self.model_name)
             named["attention_mask"] = None
@@ -196,25 +196,6 @@ def _check_attention_mask(mask, model_name: str) -> None:
             f"{model_name}: attention_mask must be absent or all ones (no padding) under sequence "
             "parallelism; causal masking is applied over the global sequence"
         )
-
-
-def _global_seq_len(named: dict, model_name: str) -> int:
-    lengths = {}
-    for name, value in named.items():
-        if isinstance(value, DTensor):
-            if value.placements != (Shard(1),):
-                raise ValueError(f"{model_name}: DTensor input {name!r} must be placed Shard(1) on the sp mesh, got {value.placements}")
-            lengths[name] = value.shape[1]
-        elif isinstance(value, torch.Tensor) and value.dim() >= 2:
-            lengths[name] = value.shape[1]
-    if not lengths:
-        raise ValueError(f"{model_name}: no input tensor with a sequence dim (dim 1) to shard")
-    if len(set(lengths.values())) != 1:
-        raise ValueError(
-            f"{model_name}: inputs disagree on the sequence length (dim 1): {lengths}; every input tensor "
-            "with 2+ dims is sliced along dim 1"
-        )
-    return next(iter(lengths.values()))
 
 
 def _find_position_buffers(model: nn.Module, names: tuple[str, ...] | None):
