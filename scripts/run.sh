@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
-EXTRAS="${EXTRAS:-test,hf}"
+EXTRAS="${EXTRAS:-test,hf,torchtitan}"
 stamp="$VENV/.ulysses-installed"
 want="$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -c1-16)-$EXTRAS"
 

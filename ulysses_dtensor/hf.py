@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .rewrite import active_mode
+
 IMPLEMENTATION = "ulysses_sdpa"
-
-# Global sequence length of the forward running now (set by the parallelized forward).
-current_seq_len: dict[str, int] = {}
-
 
 def is_hf_model(model: nn.Module) -> bool:
     return hasattr(getattr(model, "config", None), "_attn_implementation")
@@ -27,8 +25,8 @@ def _global_causal_mask(*, batch_size, q_length, kv_length, q_offset=0, kv_offse
     else the (B, 1, N, N) mask. Sliding-window and packed-document masks are refused upstream."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-    seq_len = current_seq_len.get("value")
-    if seq_len is None or q_offset or kv_offset or kv_length != q_length:
+    seq_len = active_mode().seq_len
+    if q_offset or kv_offset or kv_length != q_length:
         raise ValueError("ulysses_sdpa masks are built inside a parallelized forward without a KV cache")
     return sdpa_mask(
         batch_size=batch_size, q_length=seq_len, kv_length=seq_len, mask_function=causal_mask_function,

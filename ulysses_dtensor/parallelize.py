@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from . import hf
+from . import hf, rewrite, titan
 from .fsdp import apply_fsdp, find_blocks
 from .inputs import IGNORE_INDEX, global_seq_len, local_slice, shift_labels
 from .layout import seq_shard_offsets, seq_shard_sizes
@@ -95,6 +95,7 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError(f"{type(model).__name__} is already parallelized")
     if hf.is_hf_model(model):
         hf.use_ulysses_attention(model)
+    titan.use_ulysses_attention(model)
 
 
 class _SequenceParallelForward:
@@ -129,14 +130,14 @@ class _SequenceParallelForward:
             full[(module, name)] = module._buffers[name]
             module._buffers[name] = table[offset : offset + n_local]
         mode = UlyssesFunctionMode(self.sp_group, seq_len, self.loss_group, self.config.kernel)
-        hf.current_seq_len["value"] = seq_len
+        rewrite.current["mode"] = mode
         try:
             with mode:
                 out = self.original(*args, **kwargs)
         finally:
             for (module, name), table in full.items():
                 module._buffers[name] = table
-            hf.current_seq_len.pop("value", None)
+            rewrite.current.pop("mode", None)
         if not self.verified and not torch.compiler.is_compiling():
             if mode.attention_calls == 0:
                 raise RuntimeError(

@@ -58,6 +58,18 @@ def token_weighted_cross_entropy(
     return share + (total - share.detach())
 
 
+# The mode of the parallelized forward running now. Attention modules that do not call SDPA
+# (torchtitan's flex module, HF's mask builder) read the sequence-parallel context from it.
+current: dict[str, "UlyssesFunctionMode"] = {}
+
+
+def active_mode() -> "UlyssesFunctionMode":
+    mode = current.get("mode")
+    if mode is None:
+        raise RuntimeError("called outside the forward of a model prepared by ulysses_dtensor.parallelize_module")
+    return mode
+
+
 class UlyssesFunctionMode(TorchFunctionMode):
     """Route attention to Ulysses and mean losses to the global mean, inside a forward.
 
