@@ -4,14 +4,19 @@ parameters after an AdamW step; eager and compiled; refusals."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import rel_err
 from recipes.gpt import GPT, GPTConfig
+from ulysses_dtensor.launch import RankFailure
+from ulysses_dtensor.layout import seq_shard_sizes
 
 VOCAB = 96
 
@@ -221,3 +226,69 @@ def test_refusals_are_clear_and_early(ranks4, case, error, pattern, collectives_
     for name, msg, counts in ranks4.run(_rank_refusal, case, world=4):
         assert name == error and pattern in msg, (name, msg)
         assert collectives_allowed or not counts, f"{case}: collectives ran before the error: {counts}"
+
+
+def _rank_flex_model(ctx, N):
+    import ulysses_dtensor as U
+    from flex_model import FlexModel
+
+    mesh = _mesh(ctx, 1, ctx.world)
+    torch.manual_seed(0)
+    ref = FlexModel()
+    model = U.parallelize_module(copy.deepcopy(ref), mesh)
+    tokens = torch.randint(0, 64, (2, N), generator=torch.Generator().manual_seed(N))
+    with torch.no_grad():
+        out = U.gather_sequence(model(tokens), mesh)
+        ref_out = ref(tokens)  # same module globals: outside a parallelized forward, plain flex
+    return rel_err(out, ref_out)
+
+
+@pytest.mark.parametrize("sp,N", [(2, 40), (4, 37)])
+def test_direct_flex_attention_calls_forward_matches(ranks4, sp, N):
+    """A model calling flex_attention with a BlockMask of its (local) length: rebuilt globally."""
+    for err in ranks4.run(_rank_flex_model, N, world=sp):
+        assert err <= 1e-5, err
+
+
+def _rank_gpt_config(ctx, heads, kv_heads, N, dp):
+    import ulysses_dtensor as U
+
+    mesh = _mesh(ctx, dp, ctx.world // dp)
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(vocab_size=VOCAB, max_seq_len=64, dim=8 * heads, n_heads=heads, n_kv_heads=kv_heads)).double()
+    model = U.parallelize_module(copy.deepcopy(ref), mesh)
+    gen = torch.Generator().manual_seed(N)
+    tokens = torch.randint(0, VOCAB, (2 * dp, N), generator=gen)
+    targets = torch.randint(0, VOCAB, (2 * dp, N), generator=gen).masked_fill_(lambda_ignore(N, dp), -100)
+    ref_logits, ref_loss = ref(tokens, targets)
+    ref_loss.backward()
+    d = mesh.get_local_rank("dp") if mesh.ndim == 2 else 0
+    logits, loss = model(tokens[2 * d : 2 * d + 2], targets[2 * d : 2 * d + 2])
+    loss.backward()
+    ref_params = dict(ref.named_parameters())
+    return max(
+        [abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()), rel_err(U.gather_sequence(logits.detach(), mesh), ref_logits[2 * d : 2 * d + 2].detach())]
+        + [rel_err(p.grad.full_tensor(), ref_params[n].grad) for n, p in model.named_parameters()]
+    )
+
+
+def lambda_ignore(N, dp):
+    return torch.rand(2 * dp, N, generator=torch.Generator().manual_seed(7)) < 0.3
+
+
+@settings(max_examples=int(os.environ.get("ULYSSES_EXAMPLES", "40")) // 2)
+@given(
+    kv_heads=st.integers(1, 4), group=st.integers(1, 3), extra=st.integers(0, 9),
+    layout=st.sampled_from([(1, 1), (1, 2), (1, 3), (1, 4), (2, 2)]),
+)
+def test_gpt_property_any_heads_kv_heads_length_layout(ranks4, kv_heads, group, extra, layout):
+    """Random GQA shapes (incl. H and N not divisible by sp, kv_heads < sp), 1-D and (dp, sp)
+    meshes, FSDP: loss, logits and every gradient equal one process in float64."""
+    dp, sp = layout
+    N = sp + extra
+    if 0 in seq_shard_sizes(N, sp):  # e.g. N=4 over sp=3: shards 2, 2, 0 -> refused, clearly
+        with pytest.raises(RankFailure, match="without tokens"):
+            ranks4.run(_rank_gpt_config, kv_heads * group, kv_heads, N, dp, world=dp * sp)
+        return
+    err = ranks4.run(_rank_gpt_config, kv_heads * group, kv_heads, N, dp, world=dp * sp)
+    assert max(err) <= 1e-10, (err, kv_heads * group, kv_heads, N, layout)

@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from . import hf, rewrite, titan
+from . import flex, hf, rewrite, titan
 from .fsdp import apply_fsdp, find_blocks
 from .inputs import IGNORE_INDEX, global_seq_len, local_slice, shift_labels
 from .layout import seq_shard_offsets, seq_shard_sizes
@@ -96,6 +96,7 @@ def _check_model(model: nn.Module) -> None:
     if hf.is_hf_model(model):
         hf.use_ulysses_attention(model)
     titan.use_ulysses_attention(model)
+    flex.use_ulysses_attention(model)
 
 
 class _SequenceParallelForward:
@@ -152,7 +153,15 @@ class _SequenceParallelForward:
         """Forward pre-hook: every input check, before any collective (FSDP's included)."""
         named = self.named_inputs(args, kwargs)
         seq_len = global_seq_len(named, self.model_name)
-        seq_shard_sizes(seq_len, self.world)  # raises for a sequence shorter than sp
+        sizes = seq_shard_sizes(seq_len, self.world)  # raises for a sequence shorter than sp
+        if 0 in sizes:
+            # DTensor's Shard rule gives ceil(N/P) tokens per rank, so a few short lengths leave the
+            # last ranks empty; model code (reshape(..., -1)) breaks on empty tensors.
+            raise ValueError(
+                f"{self.model_name}: a sequence of {seq_len} tokens over sp={self.world} leaves rank "
+                f"{sizes.index(0)} without tokens (shards of ceil(N/sp) = {sizes[0]}: {sizes}); use a "
+                f"length that is a multiple of sp, or at least {sizes[0] * (self.world - 1) + 1}"
+            )
         _check_attention_mask(named.get("attention_mask"), self.model_name)
 
     def named_inputs(self, args: tuple, kwargs: dict) -> dict:
