@@ -292,3 +292,33 @@ def test_gpt_property_any_heads_kv_heads_length_layout(ranks4, kv_heads, group, 
         return
     err = ranks4.run(_rank_gpt_config, kv_heads * group, kv_heads, N, dp, world=dp * sp)
     assert max(err) <= 1e-10, (err, kv_heads * group, kv_heads, N, layout)
+
+
+def _rank_parallel_style(ctx, N):
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor.parallel import parallelize_module as torch_parallelize
+
+    from recipes.gpt import Attention
+    from ulysses_dtensor import UlyssesAttention
+
+    torch.manual_seed(0)
+    ref = Attention(GPTConfig(dim=32, n_heads=4, n_kv_heads=2)).double()
+    model = torch_parallelize(copy.deepcopy(ref), DeviceMesh.from_group(ctx.group, "cpu"), UlyssesAttention())
+    gen = torch.Generator().manual_seed(N)
+    x = torch.randn(2, N, 32, generator=gen, dtype=torch.float64)
+    freqs = GPT(GPTConfig(dim=32, n_heads=4, max_seq_len=N)).freqs_cis
+    n = N // ctx.world
+    rows = slice(ctx.rank * n, (ctx.rank + 1) * n)
+    x_local = x[:, rows].clone().requires_grad_()
+    out = model(x_local, freqs[rows])
+    out.pow(2).sum().backward()
+    x_ref = x.clone().requires_grad_()
+    ref_out = ref(x_ref, freqs)
+    ref_out.pow(2).sum().backward()
+    return rel_err(out.detach(), ref_out[:, rows].detach()), rel_err(x_local.grad, x_ref.grad[:, rows])
+
+
+def test_ulysses_attention_parallel_style_in_torch_plan(ranks4):
+    """UlyssesAttention() in torch's own parallelize_module: output and input gradient exact."""
+    for errs in ranks4.run(_rank_parallel_style, 24, world=4):
+        assert max(errs) <= 1e-10, errs

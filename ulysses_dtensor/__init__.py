@@ -13,9 +13,11 @@ from .layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
 from .mesh import init_mesh
 from .parallelize import UlyssesConfig, parallelize_module
 from .rewrite import token_weighted_cross_entropy
+from .style import UlyssesAttention
 
 __all__ = [
     "CollectiveCounter",
+    "UlyssesAttention",
     "UlyssesConfig",
     "UlyssesLayout",
     "gather_sequence",
