@@ -7,6 +7,7 @@ any kernel -> one all-to-all -> sequence-sharded output. Exact, with minimal com
 from .attention import ulysses_attention
 from .comm import head_to_seq, seq_to_head
 from .comm_counter import CollectiveCounter
+from .compile import explain
 from .dtensor_rule import register, unregister
 from .inputs import gather_sequence, shard_batch
 from .layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
@@ -20,6 +21,7 @@ __all__ = [
     "UlyssesAttention",
     "UlyssesConfig",
     "UlyssesLayout",
+    "explain",
     "gather_sequence",
     "init_mesh",
     "parallelize_module",

@@ -118,6 +118,7 @@ class _SequenceParallelForward:
         ]
         self.position_buffers = _find_position_buffers(model, config.position_buffers)
         self.verified = False
+        self.last_attention_calls = 0
 
     def accepts(self, name: str) -> bool:
         return name in self.params or self.var_kwargs
@@ -147,6 +148,8 @@ class _SequenceParallelForward:
                     "the result is wrong. Use F.scaled_dot_product_attention (HF: attn_implementation='sdpa')"
                 )
             self.verified = True
+        if not torch.compiler.is_compiling():
+            self.last_attention_calls = mode.attention_calls  # read by compile.explain
         return out
 
     def check_inputs(self, module, args: tuple, kwargs: dict) -> None:

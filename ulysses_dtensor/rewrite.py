@@ -16,8 +16,6 @@ and compiled models.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -26,12 +24,18 @@ from torch.overrides import TorchFunctionMode
 
 from .attention import ulysses_attention
 
-_SDPA_SIGNATURE = inspect.signature(
-    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None
-)
-_CE_SIGNATURE = inspect.signature(
-    lambda input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean", label_smoothing=0.0: None
-)
+def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention's arguments by name (plain Python binding: traceable)."""
+    return query, key, value, dict(
+        attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+def _cross_entropy_arguments(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                             reduction="mean", label_smoothing=0.0):
+    """F.cross_entropy's arguments by name, and whether it is a plain mean we can make global."""
+    plain_mean = reduction == "mean" and weight is None and size_average is None and reduce is None
+    return input, target, ignore_index, label_smoothing, plain_mean
 
 
 def token_weighted_cross_entropy(
@@ -91,17 +95,13 @@ class UlyssesFunctionMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            bound = _SDPA_SIGNATURE.bind(*args, **kwargs).arguments
+            q, k, v, options = _sdpa_arguments(*args, **kwargs)
             self.attention_calls += 1
-            q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
-            return ulysses_attention(q, k, v, self.sp_group, seq_len=self.seq_len, kernel=self.kernel, **bound)
+            return ulysses_attention(q, k, v, self.sp_group, seq_len=self.seq_len, kernel=self.kernel, **options)
         if func is F.cross_entropy and self.loss_group is not None:
-            bound = _CE_SIGNATURE.bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = bound.arguments
-            if a["reduction"] == "mean" and a["weight"] is None and a["size_average"] is None and a["reduce"] is None:
+            logits, target, ignore_index, label_smoothing, plain_mean = _cross_entropy_arguments(*args, **kwargs)
+            if plain_mean:
                 return token_weighted_cross_entropy(
-                    a["input"], a["target"], self.loss_group, ignore_index=a["ignore_index"],
-                    label_smoothing=a["label_smoothing"],
+                    logits, target, self.loss_group, ignore_index=ignore_index, label_smoothing=label_smoothing
                 )
         return func(*args, **kwargs)

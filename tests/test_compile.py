@@ -1,0 +1,69 @@
+"""torch.compile(fullgraph=True) of parallelized models: no graph break, eager parity forward and
+backward, and exactly 2 all-to-alls per attention layer in the forward graph and 2 in the backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import rel_err
+from test_parallelize import VOCAB, _build, _loss_and_logits, _mesh
+
+LAYERS = {"gpt": 2, "llama": 2, "qwen2": 2}
+
+
+def _rank_fullgraph(ctx, kind, N):
+    import torch._dynamo as dynamo
+
+    import ulysses_dtensor as U
+    from ulysses_dtensor.compile import counting_backend
+
+    mesh = _mesh(ctx, 1, ctx.world)
+    eager = U.parallelize_module(_build(kind, torch.float64), mesh, U.UlyssesConfig(fsdp=False))
+    compiled_model = U.parallelize_module(_build(kind, torch.float64), mesh, U.UlyssesConfig(fsdp=False))
+    gen = torch.Generator().manual_seed(N)
+    tokens = torch.randint(0, VOCAB, (2, N), generator=gen)
+    labels = torch.randint(0, VOCAB, (2, N), generator=gen)
+
+    loss, logits = _loss_and_logits(kind, eager, tokens, labels)
+    loss.backward()
+    dynamo.reset()
+    graphs = []
+    run = torch.compile(compiled_model, backend=counting_backend(graphs), fullgraph=True)  # raises on a graph break
+    c_loss, c_logits = _loss_and_logits(kind, run, tokens, labels)
+    c_loss.backward()
+    dynamo.reset()
+    grads = dict(eager.named_parameters())
+    return {
+        "loss": rel_err(c_loss.detach(), loss.detach()),
+        "logits": rel_err(c_logits.detach(), logits.detach()),
+        "grads": max(rel_err(p.grad, grads[n].grad) for n, p in compiled_model.named_parameters()),
+        "graphs": [(g.kind, g.counts["all_to_all"]) for g in graphs],
+    }
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+@pytest.mark.parametrize("kind", ["gpt", "llama", "qwen2"])
+def test_fullgraph_compile_parity_and_two_all_to_alls_per_layer(ranks4, kind, sp):
+    for r in ranks4.run(_rank_fullgraph, kind, 6 * sp + 1, world=sp, timeout_s=600):
+        assert r["graphs"] == [("forward", 2 * LAYERS[kind]), ("backward", 2 * LAYERS[kind])], r["graphs"]
+        assert max(r["loss"], r["logits"], r["grads"]) <= 1e-10, r
+
+
+def _rank_explain(ctx):
+    import ulysses_dtensor as U
+
+    mesh = _mesh(ctx, 1, ctx.world)
+    model = U.parallelize_module(_build("gpt", torch.float64), mesh, U.UlyssesConfig(fsdp=False))
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    report = U.explain(model, tokens, tokens)
+    return report.attention_calls, report.graph_breaks, [(g.kind, dict(g.counts)) for g in report.graphs], str(report)
+
+
+def test_explain_reports_sites_breaks_and_collectives(ranks4):
+    calls, breaks, graphs, text = ranks4.run(_rank_explain, world=2, timeout_s=600)[0]
+    assert calls == 2 and breaks == 0
+    # forward: 2 all-to-alls per layer + the loss's 2 all-reduces (global count, global value)
+    assert graphs[0] == ("forward", {"all_to_all": 4, "all_reduce": 2}), graphs
+    assert graphs[1][0] == "backward" and graphs[1][1]["all_to_all"] == 4, graphs
+    assert "attention calls rewritten to Ulysses: 2" in text and "graph breaks: 0" in text

@@ -1,0 +1,127 @@
+"""What torch.compile makes of a parallelized model: graph breaks and the collectives in its graphs.
+
+Under torch.compile, Dynamo traces through the parallelized forward and its rewrite mode, so the
+Ulysses exchanges land in the captured graphs as functional collectives
+(``_c10d_functional.all_to_all_single`` + ``wait_tensor``) that Inductor can fuse around and
+reorder. :func:`explain` shows it: attention sites rewritten, graph breaks, and for the forward
+and backward graphs the count and bytes of every collective kind.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+_COLLECTIVES = {
+    "all_to_all_single": "all_to_all",
+    "all_gather_into_tensor": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "all_reduce": "all_reduce",
+}
+
+
+@dataclass
+class GraphCollectives:
+    """Collectives found in one captured FX graph (forward or backward)."""
+
+    kind: str
+    counts: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)  # bytes of the collectives' inputs, per kind
+
+
+def count_graph_collectives(gm: torch.fx.GraphModule, kind: str) -> GraphCollectives:
+    """Functional collectives in ``gm`` and the size of their inputs (from the traced metadata)."""
+    found = GraphCollectives(kind)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "_opname", str(node.target))
+        collective = _COLLECTIVES.get(name)
+        if collective is None:
+            continue
+        found.counts[collective] += 1
+        value = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        if isinstance(value, torch.Tensor):
+            found.bytes[collective] += value.numel() * value.element_size()
+    return found
+
+
+def counting_backend(graphs: list[GraphCollectives]):
+    """An aot_autograd backend that records the collectives of each forward/backward graph and
+    runs the graphs as they are."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def compiler(kind):
+        def compile_graph(gm, example_inputs):
+            graphs.append(count_graph_collectives(gm, kind))
+            return gm.forward
+
+        return compile_graph
+
+    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
+
+
+@dataclass
+class CompileReport:
+    """Result of :func:`explain`."""
+
+    attention_calls: int
+    graph_breaks: int
+    break_reasons: list[str]
+    graphs: list[GraphCollectives]
+
+    def __str__(self) -> str:
+        lines = [
+            f"attention calls rewritten to Ulysses: {self.attention_calls}",
+            f"graph breaks: {self.graph_breaks}" + "".join(f"\n  - {r}" for r in self.break_reasons),
+        ]
+        for g in self.graphs:
+            parts = ", ".join(f"{n} {k} ({g.bytes[k]:,} bytes in)" for k, n in sorted(g.counts.items()))
+            lines.append(f"{g.kind} graph: {parts or 'no collectives'}")
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module, *args, backward: bool = True, **kwargs) -> CompileReport:
+    """Trace a parallelized ``model`` on example inputs and report what compiling it gives.
+
+    Runs one eager forward (counting the rewritten attention calls), ``torch._dynamo.explain``
+    (graph breaks) and one compiled forward with a counting backend — plus its backward when
+    ``backward`` and the output holds a scalar loss. Parameter gradients are left as they were.
+    Collective: every rank must call it with the same inputs.
+    """
+    import torch._dynamo as dynamo
+
+    from .parallelize import _SequenceParallelForward
+
+    if not isinstance(model.forward, _SequenceParallelForward):
+        raise ValueError("explain() takes a model prepared by ulysses_dtensor.parallelize_module")
+    saved_grads = {p: p.grad for p in model.parameters()}
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+        attention_calls = model.forward.last_attention_calls
+        dynamo.reset()
+        with torch.no_grad():
+            explanation = dynamo.explain(model)(*args, **kwargs)
+        reasons = [str(b.reason) for b in explanation.break_reasons]
+        dynamo.reset()
+        graphs: list[GraphCollectives] = []
+        out = torch.compile(model, backend=counting_backend(graphs))(*args, **kwargs)
+        loss = _scalar_loss(out) if backward else None
+        if loss is not None:
+            loss.backward()
+    finally:
+        dynamo.reset()
+        for p, grad in saved_grads.items():
+            p.grad = grad
+    return CompileReport(attention_calls, explanation.graph_break_count, reasons, graphs)
+
+
+def _scalar_loss(out):
+    for value in (getattr(out, "loss", None), *(out if isinstance(out, (tuple, list)) else (out,))):
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and value.requires_grad:
+            return value
+    return None
