@@ -12,6 +12,7 @@ inverse exchange, so backward issues exactly one collective per forward collecti
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -160,11 +161,20 @@ def _is_ordered_partition(ranges: list[HeadRange], num_heads: int) -> bool:
     return expected == num_heads
 
 
+def _profiled(name: str):
+    """A profiler range around a whole exchange (pack, all-to-all, wait, unpack) in eager mode,
+    so benchmarks can attribute the sequence-parallel overhead; nothing under compile."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(name)
+
+
 class _SeqToHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: ExchangePlan, *tensors: Tensor):
         ctx.plan = plan
-        return tuple(_seq_to_head(plan, tensors))
+        with _profiled("ulysses_dtensor::seq_to_head"):
+            return tuple(_seq_to_head(plan, tensors))
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
@@ -175,7 +185,8 @@ class _HeadToSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: ExchangePlan, *tensors: Tensor):
         ctx.plan = plan
-        return tuple(_head_to_seq(plan, tensors))
+        with _profiled("ulysses_dtensor::head_to_seq"):
+            return tuple(_head_to_seq(plan, tensors))
 
     @staticmethod
     def backward(ctx, *grads: Tensor):

@@ -15,6 +15,32 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+# Inductor's scheduler passes that move each collective as early as its inputs allow and each
+# wait as late as its first use, so the all-to-alls overlap independent compute (the next
+# projection, FSDP's all-gathers) instead of blocking in place.
+OVERLAP_OPTIONS = {
+    "reorder_for_compute_comm_overlap": True,
+    "reorder_for_compute_comm_overlap_passes": [
+        "reorder_communication_preserving_peak_memory",
+        "sink_waits_iterative",
+        "reorder_communication_preserving_peak_memory",
+    ],
+}
+
+
+def enable_comm_overlap() -> None:
+    """Turn on Inductor's compute/communication overlap passes for every later compile.
+
+    ``parallelize_module`` calls it (``UlyssesConfig.compile_overlap``), so a plain
+    ``torch.compile(model)`` of a parallelized model gets them; graphs without collectives are
+    unaffected (the passes only move collectives and waits).
+    """
+    import torch._inductor.config as inductor_config
+
+    for key, value in OVERLAP_OPTIONS.items():
+        setattr(inductor_config, key, value)
+
+
 _COLLECTIVES = {
     "all_to_all_single": "all_to_all",
     "all_gather_into_tensor": "all_gather",

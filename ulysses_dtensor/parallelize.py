@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from . import flex, hf, rewrite, titan
+from .compile import enable_comm_overlap
 from .fsdp import apply_fsdp, find_blocks
 from .inputs import IGNORE_INDEX, global_seq_len, local_slice, shift_labels
 from .layout import seq_shard_offsets, seq_shard_sizes
@@ -50,6 +51,8 @@ class UlyssesConfig:
         position_buffers: names of buffers indexed by position (RoPE tables sliced ``[:N]``);
             each rank sees the rows of its global positions. Default: buffers named ``*freqs_cis``.
         ignore_index: label value excluded from the loss.
+        compile_overlap: enable Inductor's compute/communication overlap passes for later
+            ``torch.compile`` calls (``compile.enable_comm_overlap``).
     """
 
     kernel: str | Callable = "sdpa"
@@ -59,6 +62,7 @@ class UlyssesConfig:
     rewrite_loss: bool = True
     position_buffers: tuple[str, ...] | None = None
     ignore_index: int = IGNORE_INDEX
+    compile_overlap: bool = True
 
 
 def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig | None = None) -> nn.Module:
@@ -79,6 +83,8 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     _check_model(model)
     wrapper = _SequenceParallelForward(model, mesh, config)
     model.forward = wrapper  # instance attribute: nn.Module.__call__ (and its hooks) call it
+    if config.compile_overlap:
+        enable_comm_overlap()
     if config.fsdp:
         blocks = find_blocks(model, config.block_classes)
         apply_fsdp(model, dp_sp_mesh(mesh), blocks, config.reshard_after_forward)

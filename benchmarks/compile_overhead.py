@@ -1,0 +1,138 @@
+"""Eager vs torch.compile step time of a sequence-parallel GPT, and the sequence-parallel overhead.
+
+    python benchmarks/compile_overhead.py --seq-len 8192 --sp 2 --steps 5
+
+Each of ``sp`` local gloo ranks (1 thread each) trains ``recipes/gpt.py`` (forward + backward,
+float32, FSDP off so only Ulysses communicates) on its N/sp tokens. For eager and for
+``torch.compile`` (Inductor, with the overlap passes parallelize_module enables) it reports the
+median step time over ``--steps`` steps, and from one profiled step the time in the
+sequence-parallel machinery:
+
+* eager: the ``ulysses_dtensor::seq_to_head`` / ``head_to_seq`` ranges (pack copies, all-to-all,
+  wait, unpack copies) — the whole overhead;
+* compiled: the all-to-all and wait ops, plus the Inductor kernels that write or read the
+  exchange buffers (their names carry ``cat`` / ``slice_scatter`` / ``copy``).
+
+Writes JSON and markdown to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from recipes.gpt import GPT, GPTConfig  # noqa: E402
+from ulysses_dtensor.launch import RankGroup  # noqa: E402
+
+
+def _profile_breakdown(prof, compiled: bool) -> dict[str, float]:
+    """Milliseconds per category from one profiled step (this rank's main thread)."""
+    out = {"exchange_ms": 0.0, "collective_ms": 0.0, "wait_ms": 0.0, "layout_kernels_ms": 0.0}
+    for event in prof.key_averages():
+        name = event.key
+        if name.startswith("ulysses_dtensor::"):
+            out["exchange_ms"] += event.cpu_time_total / 1e3
+        elif "all_to_all" in name or "alltoall" in name:
+            out["collective_ms"] += event.self_cpu_time_total / 1e3
+        elif "wait_tensor" in name:
+            out["wait_ms"] += event.self_cpu_time_total / 1e3
+        elif compiled and name.startswith("cpp_fused") and any(k in name for k in ("cat", "slice_scatter", "copy")):
+            out["layout_kernels_ms"] += event.self_cpu_time_total / 1e3
+    out["sp_overhead_ms"] = (
+        out["exchange_ms"] if not compiled else out["collective_ms"] + out["wait_ms"] + out["layout_kernels_ms"]
+    )
+    return out
+
+
+def _rank_bench(ctx, args: dict) -> dict:
+    import ulysses_dtensor as U
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh = DeviceMesh.from_group(ctx.group, "cpu", mesh_dim_names=("sp",))
+    results = {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        cfg = GPTConfig(vocab_size=256, max_seq_len=args["seq_len"], dim=args["dim"], n_layers=args["layers"],
+                        n_heads=args["heads"], n_kv_heads=args["kv_heads"])
+        model = U.parallelize_module(GPT(cfg), mesh, U.UlyssesConfig(fsdp=False))
+        run = torch.compile(model) if mode == "compiled" else model
+        gen = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, 256, (1, args["seq_len"]), generator=gen)
+        targets = torch.randint(0, 256, (1, args["seq_len"]), generator=gen)
+
+        def step():
+            _, loss = run(tokens, targets)
+            loss.backward()
+
+        t0 = time.perf_counter()
+        for _ in range(2):  # warm-up (and compile)
+            step()
+        warmup_s = time.perf_counter() - t0
+        times = []
+        for _ in range(args["steps"]):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+        results[mode] = {
+            "step_ms_median": statistics.median(times) * 1e3,
+            "step_ms_all": [t * 1e3 for t in times],
+            "warmup_s": warmup_s,
+            **_profile_breakdown(prof, compiled=mode == "compiled"),
+        }
+        if ctx.rank == 0 and mode == "compiled":
+            top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+            results["compiled_top_events"] = [(e.key, round(e.self_cpu_time_total / 1e3, 2)) for e in top]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--sp", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = vars(parser.parse_args())
+    print(f"compile_overhead: {args}", flush=True)
+    with RankGroup(args["sp"], call_timeout_s=3600) as ranks:
+        per_rank = ranks.run(_rank_bench, {k: v for k, v in args.items() if k != "out"})
+    summary = {mode: {k: max(r[mode][k] for r in per_rank) for k in per_rank[0][mode] if k != "step_ms_all"}
+               for mode in ("eager", "compiled")}
+    report = {"config": {k: v for k, v in args.items() if k != "out"}, "per_rank": per_rank, "slowest_rank": summary}
+    args["out"].mkdir(parents=True, exist_ok=True)
+    (args["out"] / "compile_overhead.json").write_text(json.dumps(report, indent=2))
+    e, c = summary["eager"], summary["compiled"]
+    lines = [
+        f"# Eager vs compiled, GPT N={args['seq_len']}, sp={args['sp']} (slowest rank, ms)",
+        "",
+        "| | step (median) | SP overhead | in all-to-all | in wait | layout kernels |",
+        "|---|---|---|---|---|---|",
+        f"| eager | {e['step_ms_median']:.0f} | {e['sp_overhead_ms']:.1f} | {e['collective_ms']:.1f} | {e['wait_ms']:.1f} | (in overhead) |",
+        f"| compiled | {c['step_ms_median']:.0f} | {c['sp_overhead_ms']:.1f} | {c['collective_ms']:.1f} | {c['wait_ms']:.1f} | {c['layout_kernels_ms']:.1f} |",
+        "",
+        f"compiled / eager step: {c['step_ms_median'] / e['step_ms_median']:.2f}; "
+        f"compiled / eager SP overhead: {c['sp_overhead_ms'] / max(e['sp_overhead_ms'], 1e-9):.2f}",
+    ]
+    (args["out"] / "compile_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print("top compiled events (rank 0):", per_rank[0].get("compiled_top_events"))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
