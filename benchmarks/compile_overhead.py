@@ -46,7 +46,7 @@ def _profile_breakdown(prof, compiled: bool) -> dict[str, float]:
             out["collective_ms"] += event.self_cpu_time_total / 1e3
         elif "wait_tensor" in name:
             out["wait_ms"] += event.self_cpu_time_total / 1e3
-        elif compiled and name.startswith("cpp_fused") and any(k in name for k in ("cat", "slice_scatter", "copy")):
+        elif compiled and "cpp_fused" in name and any(k in name for k in ("cat", "slice_scatter", "copy", "clone")):
             out["layout_kernels_ms"] += event.self_cpu_time_total / 1e3
     out["sp_overhead_ms"] = (
         out["exchange_ms"] if not compiled else out["collective_ms"] + out["wait_ms"] + out["layout_kernels_ms"]
@@ -58,6 +58,9 @@ def _rank_bench(ctx, args: dict) -> dict:
     import ulysses_dtensor as U
     from torch.distributed.device_mesh import DeviceMesh
 
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.enable_kernel_profile = True  # each generated kernel shows in the profile
     mesh = DeviceMesh.from_group(ctx.group, "cpu", mesh_dim_names=("sp",))
     results = {}
     for mode in ("eager", "compiled"):
