@@ -45,6 +45,7 @@ class UlyssesConfig:
     Attributes:
         kernel: local attention kernel ("sdpa", "flex", "flash" or a callable).
         fsdp: apply FSDP2 over all dp × sp ranks (gradients summed; see ``fsdp.apply_fsdp``).
+            Without it each rank holds its share of the gradient: sum them (all-reduce) yourself.
         block_classes: FSDP units (classes or class names); default: detected.
         reshard_after_forward: FSDP2 ``reshard_after_forward``.
         rewrite_loss: make mean cross-entropy inside the forward the global token-weighted mean.
@@ -80,7 +81,7 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     """
     config = config or UlyssesConfig()
     check_mesh(mesh)
-    _check_model(model)
+    _install_attention(model)
     wrapper = _SequenceParallelForward(model, mesh, config)
     model.forward = wrapper  # instance attribute: nn.Module.__call__ (and its hooks) call it
     if config.compile_overlap:
@@ -94,7 +95,9 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     return model
 
 
-def _check_model(model: nn.Module) -> None:
+def _install_attention(model: nn.Module) -> None:
+    """Refuse models we cannot make exact; route the attention that SDPA rewriting does not see
+    (HF masks, torchtitan flex modules, direct flex_attention calls) to Ulysses."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model.forward, _SequenceParallelForward):
@@ -131,8 +134,8 @@ class _SequenceParallelForward:
 
     def __call__(self, *args, **kwargs):
         args, kwargs, seq_len = self.shard_inputs(args, kwargs)
-        offset = seq_shard_offsets(seq_shard_sizes(seq_len, self.world))[self.rank]
-        n_local = seq_shard_sizes(seq_len, self.world)[self.rank]
+        sizes = seq_shard_sizes(seq_len, self.world)
+        offset, n_local = seq_shard_offsets(sizes)[self.rank], sizes[self.rank]
         full = {}
         for module, name, table in self.position_buffers:
             full[(module, name)] = module._buffers[name]
