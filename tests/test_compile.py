@@ -102,3 +102,32 @@ def test_torchtitan_fullgraph_compile(ranks4, sp):
     for r in ranks4.run(_rank_titan_fullgraph, 16 * sp, world=sp, timeout_s=900):
         assert r["graphs"] == [("forward", 12), ("backward", 12)], r["graphs"]
         assert max(r["out"], r["grads"]) <= 1e-5, r
+
+
+def _rank_titan_flex_fullgraph(ctx, N):
+    import torch._dynamo as dynamo
+
+    import ulysses_dtensor as U
+    from test_titan import _eager_flex, build_debugmodel
+    from ulysses_dtensor.compile import counting_backend
+
+    _eager_flex()
+    mesh = _mesh(ctx, 1, ctx.world)
+    eager = U.parallelize_module(build_debugmodel("flex"), mesh, U.UlyssesConfig(fsdp=False))
+    compiled_model = U.parallelize_module(build_debugmodel("flex"), mesh, U.UlyssesConfig(fsdp=False))
+    tokens = torch.randint(0, 2048, (2, N), generator=torch.Generator().manual_seed(N))
+    masks = eager.get_attention_masks(torch.arange(N).expand(2, N))
+    graphs = []
+    with torch.no_grad():  # torch has no flex backward on CPU
+        out = eager(tokens, attention_masks=masks)
+        dynamo.reset()
+        c_out = torch.compile(compiled_model, backend=counting_backend(graphs), fullgraph=True)(tokens, attention_masks=masks)
+        dynamo.reset()
+    return rel_err(c_out, out), [(g.kind, g.counts["all_to_all"]) for g in graphs]
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+def test_torchtitan_flex_fullgraph_compile_forward(ranks4, sp):
+    pytest.importorskip("torchtitan")
+    for err, graphs in ranks4.run(_rank_titan_flex_fullgraph, 16 * sp, world=sp, timeout_s=900):
+        assert graphs == [("forward", 12)] and err <= 1e-6, (err, graphs)
