@@ -10,7 +10,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import ulysses_dtensor
 from helpers import TOL, make_mask, rel_err
-from ulysses_dtensor import CollectiveCounter
+from ulysses_dtensor import CollectiveCounter, UlyssesLayout
 
 
 def _mesh(ctx, shape):
@@ -31,10 +31,10 @@ def _rank_dtensor_sdpa(ctx, q, k, v, grad_out, kwargs, mesh_shape=None):
         kwargs = dict(kwargs, attn_mask=distribute_tensor(kwargs["attn_mask"], mesh, [Replicate()] * mesh.ndim))
     with CollectiveCounter() as counter:
         out = F.scaled_dot_product_attention(q, k, v, **kwargs)
-        forward = dict(counter.counts())
+        forward = (dict(counter.counts()), counter.bytes_sent())
         counter.reset()
         out.backward(distribute_tensor(grad_out, mesh, placements))
-        backward = dict(counter.counts())
+        backward = (dict(counter.counts()), counter.bytes_sent())
     return (
         tuple(out.placements), out.full_tensor().detach(), q.grad.full_tensor(), k.grad.full_tensor(),
         v.grad.full_tensor(), forward, backward, tuple(q.grad.placements),
@@ -79,8 +79,16 @@ def _check(ranks4, c, mesh_shape=None):
     # Exactly one all-to-all each way per direction; never DTensor's all-gather fallback.
     # (The final full_tensor() calls run outside the counter.)
     expected = {"all_to_all": 2} if sp > 1 else {}
-    for r in results:
-        assert r[5] == expected and r[6] == expected, (r[5], r[6])
+    B_local = B if mesh_shape is None else B // mesh_shape[0]
+    layout = UlyssesLayout.build(B_local, H, Hkv, N, D, sp)
+    size = torch.finfo(dtype).bits // 8
+    for i, r in enumerate(results):
+        sp_rank = i if mesh_shape is None else i % mesh_shape[1]
+        (fwd_counts, fwd_bytes), (bwd_counts, bwd_bytes) = r[5], r[6]
+        assert fwd_counts == expected and bwd_counts == expected, (r[5], r[6])
+        # the minimum, as for ulysses_attention: backward moves only the output gradient in
+        assert fwd_bytes == layout.forward_elements_sent(sp_rank) * size, (fwd_bytes, c)
+        assert bwd_bytes == layout.backward_elements_sent(sp_rank) * size, (bwd_bytes, c)
 
 
 @given(c=cases())
@@ -159,3 +167,40 @@ def _rank_mismatched_placements(ctx):
 def test_mismatched_placements_are_refused_before_any_collective(ranks4):
     for name, msg, collectives in ranks4.run(_rank_mismatched_placements, world=2):
         assert name == "ValueError" and "same placements" in msg and collectives == 0, (name, msg)
+
+
+def _rank_sum_backward(ctx, x):
+    mesh = ctx.mesh()
+    q = distribute_tensor(x, mesh, [Shard(2)]).requires_grad_()
+    out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    out.sum().backward()  # the output gradient arrives replicated, not Shard(2)
+    return q.grad.full_tensor()
+
+
+def test_backward_from_a_replicated_output_gradient(ranks4):
+    x = torch.randn(2, 4, 10, 3, dtype=torch.float64)
+    ref = x.clone().requires_grad_()
+    F.scaled_dot_product_attention(ref, ref, ref, is_causal=True).sum().backward()
+    for grad in ranks4.run(_rank_sum_backward, x, world=3):
+        assert rel_err(grad, ref.grad) <= 1e-10
+
+
+def _rank_backward_without_saved_heads(ctx, x, grad_out):
+    mesh = ctx.mesh()
+    q = distribute_tensor(x, mesh, [Shard(2)]).requires_grad_()
+    out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    lse = out.grad_fn._saved_logsumexp._local_tensor
+    del lse._ulysses_head_sharded  # as if the forward had run elsewhere: backward re-exchanges
+    with CollectiveCounter() as counter:
+        out.backward(distribute_tensor(grad_out, mesh, [Shard(2)]))
+    return q.grad.full_tensor(), dict(counter.counts()), counter.bytes_sent()
+
+
+def test_backward_fallback_without_saved_head_sharded_tensors(ranks4):
+    x, grad_out = torch.randn(1, 4, 12, 3, dtype=torch.float64), torch.randn(1, 4, 12, 3, dtype=torch.float64)
+    ref = x.clone().requires_grad_()
+    F.scaled_dot_product_attention(ref, ref, ref, is_causal=True).backward(grad_out)
+    minimum = UlyssesLayout.build(1, 4, 4, 12, 3, 2).backward_elements_sent(0) * 8
+    for grad, counts, sent in ranks4.run(_rank_backward_without_saved_heads, x, grad_out, world=2):
+        assert rel_err(grad, ref.grad) <= 1e-10 and counts == {"all_to_all": 2}, counts
+        assert sent == 2 * minimum, (sent, minimum)  # q, k, v, out, grad in: 5 units + 3 out = 8 vs 4

@@ -13,10 +13,12 @@ CUDA flash, memory-efficient and cuDNN. Other mesh dimensions may be Replicate o
 (dim 0) or heads (dim 1, tensor parallel); both stay local. Inputs with no ``Shard(2)`` go to
 DTensor's default handling unchanged.
 
-Backward: autograd saves the sequence-sharded q, k, v and output, so the backward handler
-exchanges q, k, v, output and grad-output to heads in one all-to-all and the gradients back
-in one: two collectives, but 2x the minimum backward bytes. :func:`ulysses_attention` (used by
-``parallelize_module``) saves the head-sharded tensors instead and moves the minimum.
+Backward moves the minimum too: the forward handler keeps the head-sharded q, k, v and output on
+the logsumexp it returns (autograd saves that very object for the backward op), so the backward
+handler exchanges only the output gradient to heads and dq, dk, dv back. The price is memory:
+autograd also keeps the sequence-sharded q, k, v and output, so this path holds attention
+activations twice until backward (:func:`ulysses_attention`, used by ``parallelize_module``,
+holds them once).
 """
 
 from __future__ import annotations
@@ -174,9 +176,12 @@ def _forward_handler(op, args, kwargs):
                         (layout.num_heads, layout.num_kv_heads, layout.num_kv_heads),
                         layout.seq_sizes, rank, group)
     q_h, k_h, v_h = _seq_to_head(plan, [q._local_tensor, k._local_tensor, v._local_tensor])
-    k_h, v_h, _ = _match_kv_heads(q_h, k_h, v_h, layout, rank)
-    bound.update(query=q_h, key=k_h, value=v_h)
+    k_x, v_x, _ = _match_kv_heads(q_h, k_h, v_h, layout, rank)
+    bound.update(query=q_h, key=k_x, value=v_x)
     outs = _call_local_op(op, bound)
+    # Autograd saves this logsumexp object and hands it to the backward handler: keep the
+    # head-sharded inputs and output on it, so backward exchanges only the output gradient.
+    outs[1]._ulysses_head_sharded = (q_h, k_h, v_h, outs[0])
     out_plan = ExchangePlan((layout.q_ranges,), (layout.num_heads,), layout.seq_sizes, rank, group)
     (out,) = _head_to_seq(out_plan, [outs[0]])
     global_out_shape = (*q.shape[:3], v.shape[3])
@@ -190,13 +195,20 @@ def _backward_handler(op, args, kwargs):
     if not isinstance(q, DTensor) or _seq_mesh_dim(q) is None:
         return _default(op, args, kwargs)
     layout, rank, group = _setup(bound, q, k, v)
-    qr, kvr = layout.q_ranges, layout.kv_ranges
-    plan = ExchangePlan((qr, kvr, kvr, qr, qr),
-                        (layout.num_heads, layout.num_kv_heads, layout.num_kv_heads, layout.num_heads, layout.num_heads),
-                        layout.seq_sizes, rank, group)
-    q_h, k_h, v_h, out_h, grad_h = _seq_to_head(
-        plan, [_local(bound[n]) for n in ("query", "key", "value", "out", grad_name)]
-    )
+    grad = bound[grad_name]
+    if isinstance(grad, DTensor) and grad.placements != q.placements:
+        # e.g. the gradient of out.sum() arrives replicated: take this rank's sequence shard
+        bound[grad_name] = grad.redistribute(q.device_mesh, q.placements)
+    qr, kvr, H, H_kv = layout.q_ranges, layout.kv_ranges, layout.num_heads, layout.num_kv_heads
+    saved = getattr(_local(bound["logsumexp"]), "_ulysses_head_sharded", None)
+    if saved is not None:  # the minimum: only the output gradient goes to heads
+        q_h, k_h, v_h, out_h = saved
+        (grad_h,) = _seq_to_head(ExchangePlan((qr,), (H,), layout.seq_sizes, rank, group), [_local(bound[grad_name])])
+    else:  # forward ran elsewhere (e.g. a recomputed checkpoint): exchange all five at once
+        plan = ExchangePlan((qr, kvr, kvr, qr, qr), (H, H_kv, H_kv, H, H), layout.seq_sizes, rank, group)
+        q_h, k_h, v_h, out_h, grad_h = _seq_to_head(
+            plan, [_local(bound[n]) for n in ("query", "key", "value", "out", grad_name)]
+        )
     k_x, v_x, _ = _match_kv_heads(q_h, k_h, v_h, layout, rank)
     local = {n: _local(x) for n, x in bound.items()}
     local.update({"query": q_h, "key": k_x, "value": v_x, "out": out_h, grad_name: grad_h})
@@ -212,7 +224,7 @@ def _backward_handler(op, args, kwargs):
         index = torch.tensor([h // group_size - layout.kv_ranges[rank][0] for h in range(start, stop)], device=dk_h.device)
         dk_h = k_h.new_zeros(k_h.shape).index_add_(1, index, dk_h)
         dv_h = v_h.new_zeros(v_h.shape).index_add_(1, index, dv_h)
-    grad_plan = ExchangePlan(plan.heads[:3], plan.num_heads[:3], plan.seq_sizes, rank, group)
+    grad_plan = ExchangePlan((qr, kvr, kvr), (H, H_kv, H_kv), layout.seq_sizes, rank, group)
     dq, dk, dv = _head_to_seq(grad_plan, [dq_h, dk_h, dv_h])
     result = (_wrap(dq, q, q.shape), _wrap(dk, k, k.shape), _wrap(dv, v, v.shape))
     return result + (None,) * (len(grads) - 3)
