@@ -42,12 +42,13 @@ def _profile_breakdown(prof, compiled: bool) -> dict[str, float]:
         name = event.key
         if name.startswith("ulysses_dtensor::"):
             out["exchange_ms"] += event.cpu_time_total / 1e3
+        elif compiled and "cpp_fused" in name:  # Inductor kernels (some carry "all_to_all" in their name)
+            if any(k in name for k in ("cat", "slice_scatter", "copy", "clone", "all_to_all")):
+                out["layout_kernels_ms"] += event.self_cpu_time_total / 1e3
         elif "all_to_all" in name or "alltoall" in name:
             out["collective_ms"] += event.self_cpu_time_total / 1e3
         elif "wait_tensor" in name:
             out["wait_ms"] += event.self_cpu_time_total / 1e3
-        elif compiled and "cpp_fused" in name and any(k in name for k in ("cat", "slice_scatter", "copy", "clone")):
-            out["layout_kernels_ms"] += event.self_cpu_time_total / 1e3
     out["sp_overhead_ms"] = (
         out["exchange_ms"] if not compiled else out["collective_ms"] + out["wait_ms"] + out["layout_kernels_ms"]
     )

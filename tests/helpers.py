@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ulysses_dtensor.layout import seq_shard_offsets, seq_shard_sizes
+from ulysses_dtensor.inputs import local_slice
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def seq_slice(t: torch.Tensor, rank: int, world: int, dim: int = 2) -> torch.Tensor:
-    """This rank's sequence shard of a global tensor (DTensor Shard layout)."""
-    sizes = seq_shard_sizes(t.shape[dim], world)
-    return t.narrow(dim, seq_shard_offsets(sizes)[rank], sizes[rank])
+    """This rank's sequence shard of a global (B, H, N, D) tensor (DTensor Shard layout)."""
+    return local_slice(t, rank, world, t.shape[dim], dim)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

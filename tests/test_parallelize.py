@@ -322,3 +322,22 @@ def test_ulysses_attention_parallel_style_in_torch_plan(ranks4):
     """UlyssesAttention() in torch's own parallelize_module: output and input gradient exact."""
     for errs in ranks4.run(_rank_parallel_style, 24, world=4):
         assert max(errs) <= 1e-10, errs
+
+
+def _rank_init_mesh(ctx):
+    import ulysses_dtensor as U
+
+    errors = []
+    for dp, sp in ((3, None), (2, 3)):
+        try:
+            U.init_mesh(dp=dp, sp=sp, device_type="cpu")
+        except ValueError as exc:
+            errors.append(str(exc))
+    mesh = ctx._meshes.setdefault("init_mesh", U.init_mesh(dp=2, device_type="cpu"))
+    return mesh.mesh_dim_names, tuple(mesh.shape), mesh["sp"].size(), errors
+
+
+def test_init_mesh_builds_dp_sp_and_refuses_bad_shapes(ranks4):
+    for names, shape, sp, errors in ranks4.run(_rank_init_mesh, world=4):
+        assert names == ("dp", "sp") and shape == (2, 2) and sp == 2
+        assert "does not divide the world size 4" in errors[0] and "does not match the world size 4" in errors[1]

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .comm_counter import CollectiveCounter
-from .layout import UlyssesLayout, seq_shard_offsets, seq_shard_sizes
+from .inputs import local_slice
+from .layout import UlyssesLayout
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
@@ -51,9 +52,8 @@ def _inputs(cfg: DemoConfig):
 def _rank_demo(ctx, cfg: DemoConfig):
     from .attention import ulysses_attention
 
-    sizes = seq_shard_sizes(cfg.seq_len, ctx.world)
-    lo, n = seq_shard_offsets(sizes)[ctx.rank], sizes[ctx.rank]
-    q, k, v, grad_out = (t[:, :, lo : lo + n] for t in _inputs(cfg))  # same seed on every rank
+    # every rank draws the same global inputs from the seed and keeps its tokens
+    q, k, v, grad_out = (local_slice(t, ctx.rank, ctx.world, cfg.seq_len, dim=2) for t in _inputs(cfg))
     kwargs = dict(is_causal=cfg.causal, enable_gqa=cfg.heads != cfg.kv_heads, seq_len=cfg.seq_len)
     fwd_times, bwd_times = [], []
     for i in range(cfg.repeats):

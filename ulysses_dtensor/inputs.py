@@ -59,12 +59,7 @@ def shard_batch(
         raise TypeError(f"batch must be a tensor or a dict of tensors, got {type(batch).__name__}")
     batch = dict(batch)
     seq_len = global_seq_len(batch, "shard_batch")
-    mask = batch.pop("attention_mask", None)
-    if mask is not None and not bool(mask.all()):
-        raise ValueError(
-            "attention_mask has padding: padded batches are not supported by sequence parallelism yet; "
-            "pack documents without padding or pass no attention_mask"
-        )
+    check_no_padding(batch.pop("attention_mask", None), "shard_batch")
     if add_shift_labels and "labels" in batch and "shift_labels" not in batch:
         batch["shift_labels"] = shift_labels(batch["labels"], ignore_index)
     if add_position_ids and "position_ids" not in batch and "input_ids" in batch:
@@ -99,6 +94,18 @@ def global_seq_len(named: dict, model_name: str) -> int:
             "with 2+ dims is sliced along dim 1"
         )
     return next(iter(lengths.values()))
+
+
+def check_no_padding(mask, model_name: str) -> None:
+    """Refuse padded attention masks: sequence parallelism needs every token real (for now)."""
+    if mask is None:
+        return
+    local = mask.to_local() if isinstance(mask, DTensor) else mask
+    if local.dim() != 2 or not bool(local.all()):
+        raise ValueError(
+            f"{model_name}: attention_mask must be absent or all ones (no padding) under sequence "
+            "parallelism; causal masking is applied over the global sequence"
+        )
 
 
 def gather_sequence(x: torch.Tensor, mesh: DeviceMesh, seq_dim: int = 1, seq_len: int | None = None) -> torch.Tensor:

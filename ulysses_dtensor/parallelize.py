@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor, Shard
 from . import flex, hf, rewrite, titan
 from .compile import enable_comm_overlap
 from .fsdp import apply_fsdp, find_blocks
-from .inputs import IGNORE_INDEX, global_seq_len, local_slice, shift_labels
+from .inputs import IGNORE_INDEX, check_no_padding, global_seq_len, local_slice, shift_labels
 from .layout import seq_shard_offsets, seq_shard_sizes
 from .mesh import check_mesh, dp_sp_mesh, sp_mesh
 from .rewrite import UlyssesFunctionMode
@@ -174,7 +174,7 @@ class _SequenceParallelForward:
                 f"{sizes.index(0)} without tokens (shards of ceil(N/sp) = {sizes[0]}: {sizes}); use a "
                 f"length that is a multiple of sp, or at least {sizes[0] * (self.world - 1) + 1}"
             )
-        _check_attention_mask(named.get("attention_mask"), self.model_name)
+        check_no_padding(named.get("attention_mask"), self.model_name)
 
     def named_inputs(self, args: tuple, kwargs: dict) -> dict:
         if len(args) > len(self.positional):
@@ -188,7 +188,7 @@ class _SequenceParallelForward:
         named = self.named_inputs(args, kwargs)
         seq_len = global_seq_len(named, self.model_name)
         if named.get("attention_mask") is not None:
-            _check_attention_mask(named["attention_mask"], self.model_name)
+            check_no_padding(named["attention_mask"], self.model_name)
             named["attention_mask"] = None
         labels = named.get("labels")
         if isinstance(labels, torch.Tensor) and not isinstance(labels, DTensor) and self.accepts("shift_labels"):
@@ -207,17 +207,6 @@ class _SequenceParallelForward:
             elif isinstance(value, torch.Tensor) and value.dim() >= 2:
                 named[name] = local_slice(value, self.rank, self.world, seq_len).contiguous()
         return (), named, seq_len
-
-
-def _check_attention_mask(mask, model_name: str) -> None:
-    if mask is None:
-        return
-    local = mask.to_local() if isinstance(mask, DTensor) else mask
-    if local.dim() != 2 or not bool(local.all()):
-        raise ValueError(
-            f"{model_name}: attention_mask must be absent or all ones (no padding) under sequence "
-            "parallelism; causal masking is applied over the global sequence"
-        )
 
 
 def _find_position_buffers(model: nn.Module, names: tuple[str, ...] | None):
