@@ -204,7 +204,7 @@ def _backward_handler(op, args, kwargs):
     if saved is not None:  # the minimum: only the output gradient goes to heads
         q_h, k_h, v_h, out_h = saved
         (grad_h,) = _seq_to_head(ExchangePlan((qr,), (H,), layout.seq_sizes, rank, group), [_local(bound[grad_name])])
-    else:  # forward ran elsewhere (e.g. a recomputed checkpoint): exchange all five at once
+    else:  # this logsumexp did not come from our forward handler: exchange all five at once
         plan = ExchangePlan((qr, kvr, kvr, qr, qr), (H, H_kv, H_kv, H, H), layout.seq_sizes, rank, group)
         q_h, k_h, v_h, out_h, grad_h = _seq_to_head(
             plan, [_local(bound[n]) for n in ("query", "key", "value", "out", grad_name)]
