@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .comm import ExchangePlan, exchange_head_to_seq, exchange_seq_to_head, group_rank_world, resolve_seq_len
+from .comm import ExchangePlan, check_4d, exchange_head_to_seq, exchange_seq_to_head, group_rank_world, resolve_seq_len
 from .kernels import resolve_kernel
 from .layout import UlyssesLayout
 
@@ -147,10 +147,7 @@ def check_attention_inputs(
 ) -> UlyssesLayout:
     """Validate local shards and return the exchange layout. Raises before any collective."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, N/P, D), got shape {tuple(t.shape)}")
+        check_4d(t, name)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

@@ -221,7 +221,8 @@ def group_rank_world(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup
     return group, rank, dist.get_world_size(group)
 
 
-def _check_4d(x: Tensor, name: str) -> None:
+def check_4d(x: Tensor, name: str) -> None:
+    """A 4-D (B, H, N, D) tensor, or a TypeError/ValueError naming ``name``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -254,7 +255,7 @@ def seq_to_head(x: Tensor, group: dist.ProcessGroup | None = None, *, seq_len: i
         (B, H_r, N, D): every token for this rank's heads. ``H_r`` follows ``head_ranges(H, P)``:
         ``H % P != 0`` gives the first ranks one extra head.
     """
-    _check_4d(x, "x")
+    check_4d(x, "x")
     group, rank, world = group_rank_world(group)
     seq_len = resolve_seq_len(x.shape[2], seq_len, rank, world)
     plan = ExchangePlan(
@@ -278,7 +279,7 @@ def head_to_seq(x: Tensor, group: dist.ProcessGroup | None = None, *, num_heads:
     Returns:
         (B, H, N_r, D): this rank's tokens (DTensor ``Shard(2)`` layout) for all heads.
     """
-    _check_4d(x, "x")
+    check_4d(x, "x")
     group, rank, world = group_rank_world(group)
     if num_heads is None:
         num_heads = x.shape[1] * world

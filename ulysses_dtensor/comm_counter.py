@@ -30,7 +30,8 @@ class CollectiveRecord:
     group_size: int
 
 
-_KINDS = {
+# collective op name (functional and eager c10d) -> kind; also read by compile.explain
+COLLECTIVE_KINDS = {
     "all_to_all_single": "all_to_all",
     "alltoall_base_": "all_to_all",
     "alltoall_": "all_to_all",
@@ -106,7 +107,7 @@ class CollectiveCounter(TorchDispatchMode):
     def _record(self, name: str, args) -> None:
         if name == "shard_dim_alltoall":  # DTensor's own op; record what it decomposes into
             return
-        kind = _KINDS.get(name)
+        kind = COLLECTIVE_KINDS.get(name)
         if kind is None:
             return
         group = next((g for g in map(_group_of, args) if g is not None), None)

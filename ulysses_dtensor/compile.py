@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .comm_counter import COLLECTIVE_KINDS
+
 # Inductor's scheduler passes that move each collective as early as its inputs allow and each
 # wait as late as its first use, so the all-to-alls overlap independent compute (the next
 # projection, FSDP's all-gathers) instead of blocking in place.
@@ -41,14 +43,6 @@ def enable_comm_overlap() -> None:
         setattr(inductor_config, key, value)
 
 
-_COLLECTIVES = {
-    "all_to_all_single": "all_to_all",
-    "all_gather_into_tensor": "all_gather",
-    "reduce_scatter_tensor": "reduce_scatter",
-    "all_reduce": "all_reduce",
-}
-
-
 @dataclass
 class GraphCollectives:
     """Collectives found in one captured FX graph (forward or backward)."""
@@ -65,7 +59,7 @@ def count_graph_collectives(gm: torch.fx.GraphModule, kind: str) -> GraphCollect
         if node.op != "call_function":
             continue
         name = getattr(node.target, "_opname", str(node.target))
-        collective = _COLLECTIVES.get(name)
+        collective = COLLECTIVE_KINDS.get(name)
         if collective is None:
             continue
         found.counts[collective] += 1
