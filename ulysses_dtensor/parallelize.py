@@ -125,6 +125,10 @@ class _SequenceParallelForward:
         self.positional = [
             n for n, p in signature.parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
+        # the forward argument that takes token positions, if any (fixed by the signature)
+        self.position_arg = next((n for n in POSITION_ARGS if n in self.params), None)
+        if self.position_arg is None and self.var_kwargs:
+            self.position_arg = "position_ids"
         self.position_buffers = _find_position_buffers(model, config.position_buffers)
         self.verified = False
         self.last_attention_calls = 0
@@ -194,11 +198,8 @@ class _SequenceParallelForward:
         if isinstance(labels, torch.Tensor) and not isinstance(labels, DTensor) and self.accepts("shift_labels"):
             named.setdefault("shift_labels", shift_labels(labels, self.config.ignore_index))
         ref = next(t for t in named.values() if isinstance(t, torch.Tensor) and t.dim() >= 2)
-        position_arg = next((n for n in POSITION_ARGS if n in self.params), None)
-        if position_arg is None and self.var_kwargs:
-            position_arg = "position_ids"
-        if position_arg is not None and named.get(position_arg) is None:
-            named[position_arg] = torch.arange(seq_len, device=ref.device).expand(ref.shape[0], seq_len)
+        if self.position_arg is not None and named.get(self.position_arg) is None:
+            named[self.position_arg] = torch.arange(seq_len, device=ref.device).expand(ref.shape[0], seq_len)
         if "use_cache" in self.params and named.get("use_cache") is None:
             named["use_cache"] = False
         for name, value in named.items():
