@@ -2,7 +2,7 @@
 
     python benchmarks/compile_overhead.py --seq-len 8192 --sp 2 --steps 5
 
-Each of ``sp`` local gloo ranks (1 thread each) trains ``recipes/gpt.py`` (forward + backward,
+Each of ``sp`` local gloo ranks (1 thread each) trains ``ulysses_dtensor/llama.py`` (forward + backward,
 float32, FSDP off so only Ulysses communicates) on its N/sp tokens. For eager and for
 ``torch.compile`` (Inductor, with the overlap passes parallelize_module enables) it reports the
 median step time over ``--steps`` steps, and ``--steps`` profiled steps the time per step in the
@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recipes.gpt import GPT, GPTConfig  # noqa: E402
+from ulysses_dtensor.llama import Llama as GPT, LlamaConfig as GPTConfig  # noqa: E402
 from ulysses_dtensor.launch import RankGroup  # noqa: E402
 
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Create the project environment if missing, then run a job in it.
-#   bash scripts/run.sh demo [args]   the main job (a 4-rank Ulysses attention run, checked)
+#   bash scripts/run.sh train [args]  the main job: ulysses-dtensor train (4 ranks, retrieval task)
+#   bash scripts/run.sh demo [args]   a 4-rank Ulysses attention run, checked against one process
 #   bash scripts/run.sh test [args]   the whole test suite (pytest args pass through)
 #   bash scripts/run.sh <cmd> [args]  any command inside the environment
 # VENV=/path overrides the environment location (default: .venv in the repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
-EXTRAS="${EXTRAS:-test,hf,torchtitan}"
+EXTRAS="${EXTRAS:-test,hf,torchtitan,plot}"
 stamp="$VENV/.ulysses-installed"
 want="$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -c1-16)-$EXTRAS"
 
@@ -26,8 +27,9 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   echo ">> environment ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))" >&2
 fi
 
-job="${1:-demo}"; shift || true
+job="${1:-train}"; shift || true
 case "$job" in
+  train) exec "$VENV/bin/ulysses-dtensor" train "$@" ;;
   demo) exec "$VENV/bin/ulysses-dtensor" demo "$@" ;;
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
   *)    exec "$VENV/bin/$job" "$@" ;;

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import rel_err
-from recipes.gpt import GPT, GPTConfig
+from ulysses_dtensor.llama import Llama as GPT, LlamaConfig as GPTConfig
 from ulysses_dtensor.launch import RankFailure
 from ulysses_dtensor.layout import seq_shard_sizes
 
@@ -127,6 +127,10 @@ def _assert_close(results, tol, what, loss_tol=None):
         print(f"{what}: rank {rank} errors {errors}; single-process float32 vs float64 step {rounding:.2g}")
         for name, err in errors.items():
             bound = tol if loss_tol is None else loss_tol
+            if name == "params_after_adamw":
+                # Adam's sign flips (above) scale with float32 rounding: allow what rounding alone
+                # does to the single-process step (a wrong shard or update is off by O(lr/|p|) ≫ this).
+                bound = max(bound, 3 * rounding)
             assert err <= bound, f"{what}: rank {rank} {name} relative error {err:.3g} > {bound:g}"
 
 
@@ -298,7 +302,7 @@ def _rank_parallel_style(ctx, N):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor.parallel import parallelize_module as torch_parallelize
 
-    from recipes.gpt import Attention
+    from ulysses_dtensor.llama import Attention
     from ulysses_dtensor import UlyssesAttention
 
     torch.manual_seed(0)

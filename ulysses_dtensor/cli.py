@@ -1,4 +1,4 @@
-"""Command line: ``ulysses-dtensor demo`` (and ``python -m ulysses_dtensor demo``)."""
+"""Command line: ``ulysses-dtensor train`` and ``ulysses-dtensor demo`` (also ``python -m ulysses_dtensor``)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,19 @@ import sys
 from dataclasses import fields
 
 from .demo import DemoConfig, run_demo
+from .train import TrainConfig, run_train
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata.get("help"))
         else:
             kind = {"int": int, "str": str, "float": float}.get(str(f.type), type(f.default))
-            parser.add_argument(flag, type=kind, default=f.default, help=f"default: {f.default}")
+            text = f.metadata.get("help", "").replace("%", "%%")
+            parser.add_argument(flag, type=kind, default=f.default, help=f"{text} (default: {f.default})".strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +29,43 @@ def main(argv: list[str] | None = None) -> int:
         "demo", help="Ulysses attention on local gloo ranks, checked against one process (error, bytes)"
     )
     _add_dataclass_args(demo, DemoConfig)
+    train = sub.add_parser(
+        "train", help="train a Llama-style model with Ulysses SP on local ranks (or under torchrun)",
+        description="Train on the embedded long-context retrieval task (default) or a local text.",
+    )
+    _add_dataclass_args(train, TrainConfig)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+        return _train(cfg)
     if args.command == "demo":
         cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
         if cfg.dtype not in ("float64", "float32"):
             parser.error("--dtype must be float64 or float32")
         return 0 if run_demo(cfg) else 1
     return 2
+
+
+def _train(cfg: TrainConfig) -> int:
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        summary = run_train(cfg)
+    except ValueError as exc:
+        print(f"ulysses-dtensor train: error: {exc}", file=sys.stderr)
+        return 2
+    if "history" not in summary or "outputs" not in summary:
+        return 0  # a non-zero rank under torchrun: rank 0 reports
+    last = summary["history"][-1] if summary["history"] else {}
+    print(f"\ndone: {summary['steps']}/{summary['total_steps']} steps in {time.perf_counter() - t0:.0f} s"
+          + (f", final training loss {last['loss']:.4f}" if last else ""))
+    if "eval_accuracy" in summary:
+        print(f"held-out evaluation at seq_len={cfg.seq_len} (chance {summary['chance']:.2f}):")
+        print(f"accuracy: {summary['eval_accuracy']:.2f}")
+    for path in summary["outputs"]:
+        print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":

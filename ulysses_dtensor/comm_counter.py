@@ -56,10 +56,18 @@ COLLECTIVE_KINDS = {
 
 
 def _group_of(arg) -> dist.ProcessGroup | None:
-    if isinstance(arg, str):
-        return torch.distributed.distributed_c10d._resolve_process_group(arg)
+    if isinstance(arg, str):  # a group name, or another string argument (all_reduce's "sum")
+        try:
+            return torch.distributed.distributed_c10d._resolve_process_group(arg)
+        except (RuntimeError, ValueError):
+            return None
     if isinstance(arg, dist.ProcessGroup):
         return arg
+    if isinstance(arg, torch.ScriptObject):  # eager c10d ops receive the group boxed
+        try:
+            return dist.ProcessGroup.unbox(arg)
+        except (RuntimeError, TypeError):
+            return None
     return None
 
 

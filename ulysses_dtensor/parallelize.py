@@ -54,6 +54,9 @@ class UlyssesConfig:
         ignore_index: label value excluded from the loss.
         compile_overlap: enable Inductor's compute/communication overlap passes for later
             ``torch.compile`` calls (``compile.enable_comm_overlap``).
+        local_attention_only: ablation: attention sees only each rank's own N/P tokens (no
+            all-to-all). Wrong for real training; ``ulysses-dtensor train`` uses it to show that
+            its task needs attention across shards.
     """
 
     kernel: str | Callable = "sdpa"
@@ -64,6 +67,7 @@ class UlyssesConfig:
     position_buffers: tuple[str, ...] | None = None
     ignore_index: int = IGNORE_INDEX
     compile_overlap: bool = True
+    local_attention_only: bool = False
 
 
 def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig | None = None) -> nn.Module:
@@ -144,7 +148,9 @@ class _SequenceParallelForward:
         for module, name, table in self.position_buffers:
             full[(module, name)] = module._buffers[name]
             module._buffers[name] = table[offset : offset + n_local]
-        mode = UlyssesFunctionMode(self.sp_group, seq_len, self.loss_group, self.config.kernel)
+        mode = UlyssesFunctionMode(
+            self.sp_group, seq_len, self.loss_group, self.config.kernel, self.config.local_attention_only
+        )
         rewrite.current["mode"] = mode
         try:
             with mode:

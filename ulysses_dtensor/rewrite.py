@@ -82,10 +82,13 @@ class UlyssesFunctionMode(TorchFunctionMode):
         seq_len: the global sequence length of this forward.
         loss_group: the group a loss mean spans (all dp × sp ranks), or None to leave losses.
         kernel: local attention kernel for :func:`ulysses_attention`.
+        local_attention_only: leave attention on each rank's own tokens (an ablation: wrong for
+            training, it shows what the model loses without attention across shards).
     """
 
-    def __init__(self, sp_group, seq_len: int, loss_group=None, kernel="sdpa"):
+    def __init__(self, sp_group, seq_len: int, loss_group=None, kernel="sdpa", local_attention_only=False):
         super().__init__()
+        self.local_attention_only = local_attention_only
         self.sp_group = sp_group
         self.seq_len = seq_len
         self.loss_group = loss_group
@@ -97,6 +100,8 @@ class UlyssesFunctionMode(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             q, k, v, options = _sdpa_arguments(*args, **kwargs)
             self.attention_calls += 1
+            if self.local_attention_only:
+                return func(*args, **kwargs)
             return ulysses_attention(q, k, v, self.sp_group, seq_len=self.seq_len, kernel=self.kernel, **options)
         if func is F.cross_entropy and self.loss_group is not None:
             logits, target, ignore_index, label_smoothing, plain_mean = _cross_entropy_arguments(*args, **kwargs)

@@ -1,0 +1,314 @@
+"""``ulysses-dtensor train``: train a Llama-style model with Ulysses sequence parallelism.
+
+Launches its own ranks (gloo on CPU, NCCL on GPU) or runs under ``torchrun``; builds the
+(dp, sp) mesh, the model, ``parallelize_module`` (FSDP2 over dp × sp) and AdamW; trains on the
+embedded retrieval task (:class:`~ulysses_dtensor.data.RetrievalTask`) with a length curriculum
+up to ``seq_len``, or on a local text; evaluates; checkpoints with torch DCP and resumes exactly,
+also on another (dp, sp) layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .comm_counter import CollectiveCounter
+from .data import RetrievalTask, TextTask, step_generator
+from .inputs import IGNORE_INDEX, local_slice
+from .layout import UlyssesLayout
+from .llama import Llama, llama_config
+from .mesh import init_mesh
+from .parallelize import UlyssesConfig, parallelize_module
+from .progress import Progress
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``ulysses-dtensor train`` (each is a ``--flag``)."""
+
+    sp: int = _opt(4, "sequence-parallel degree")
+    dp: int = _opt(1, "data-parallel degree (ranks = dp × sp)")
+    model: str = _opt("tiny", "model flavor (llama.FLAVORS)")
+    seq_len: int = _opt(8192, "final (global) sequence length")
+    curriculum: str = _opt("auto", "'auto' (lengths doubling from 128), 'none' (--steps at --seq-len) or 'len:steps,len:steps,...'")
+    steps: int = _opt(300, "training steps when --curriculum none")
+    tokens_per_step: int = _opt(2048, "global tokens per step; batch = tokens_per_step // length")
+    lr: float = _opt(3e-3, "peak AdamW learning rate (linear warmup, cosine decay to 10%)")
+    warmup: int = _opt(50, "warmup steps")
+    seed: int = _opt(0, "seed of the initial parameters and of every batch")
+    dtype: str = _opt("float32", "parameter dtype: float32 or float64")
+    text: str = _opt("", "train on a local text file / datasets dir instead of the retrieval task")
+    eval_batches: int = _opt(16, "held-out batches at seq_len for the final accuracy")
+    local_attention_only: bool = _opt(False, "ablation: attention restricted to each rank's shard")
+    checkpoint_dir: str = _opt("", "directory for DCP checkpoints (none if empty)")
+    checkpoint_every: int = _opt(0, "steps between checkpoints (0: only at the end)")
+    resume: bool = _opt(False, "continue from the latest checkpoint in --checkpoint-dir")
+    stop_after: int = _opt(0, "stop (after checkpointing) once this many steps are done; 0: run all")
+    out_dir: str = _opt("runs/train", "where metrics.jsonl, summary.json and the PNGs go")
+    plot: bool = _opt(False, "write loss/accuracy PNGs to --out-dir")
+    log_every: int = _opt(10, "steps between progress lines (with bytes and memory counted)")
+    collective_timeout_s: float = _opt(300.0, "a collective waiting longer than this fails the run")
+
+
+@dataclass(frozen=True)
+class Phase:
+    seq_len: int
+    steps: int
+    batch: int
+
+
+def build_phases(cfg: TrainConfig) -> list[Phase]:
+    """The length curriculum: (length, steps, global batch) per phase."""
+    if cfg.curriculum == "none":
+        plan = [(cfg.seq_len, cfg.steps)]
+    elif cfg.curriculum == "auto":
+        lengths = [cfg.seq_len]
+        while lengths[0] > 128:
+            lengths.insert(0, lengths[0] // 2)
+        # Most learning happens at short, cheap lengths; each doubling then re-sharpens attention.
+        plan = [(n, 600 if i == 0 else 500 if n == cfg.seq_len else 200 if n == cfg.seq_len // 2 else
+                 100 if n < 2048 else 150) for i, n in enumerate(lengths)]
+    else:
+        try:
+            plan = [tuple(int(x) for x in part.split(":")) for part in cfg.curriculum.split(",")]
+        except ValueError:
+            raise ValueError(f"--curriculum {cfg.curriculum!r}: expected 'auto', 'none' or 'len:steps,len:steps'")
+    phases = []
+    for n, steps in plan:
+        batch = max(1, cfg.tokens_per_step // n)
+        batch = cfg.dp * -(-batch // cfg.dp)  # every data-parallel replica gets the same rows
+        phases.append(Phase(n, steps, batch))
+    return phases
+
+
+def phase_at(phases: list[Phase], step: int) -> Phase:
+    for p in phases:
+        if step < p.steps:
+            return p
+        step -= p.steps
+    raise IndexError("step past the schedule")
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """Warmup-stable-decay: linear warmup, constant, then linear decay to 10% over the last 20%
+    of the steps (which the curriculum spends at the full length: it learns there at full rate)."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+    decay_start = int(0.8 * total)
+    decay = 1.0 if step < decay_start else 1.0 - 0.9 * (step - decay_start) / max(1, total - decay_start)
+    return cfg.lr * warm * decay
+
+
+def check_config(cfg: TrainConfig, task, phases: list[Phase]) -> None:
+    """Refuse bad options before any process group exists."""
+    if cfg.sp < 1 or cfg.dp < 1:
+        raise ValueError(f"--sp and --dp must be >= 1, got sp={cfg.sp}, dp={cfg.dp}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
+    if cfg.resume and not cfg.checkpoint_dir:
+        raise ValueError("--resume needs --checkpoint-dir")
+    for p in phases:
+        if p.seq_len < cfg.sp:
+            raise ValueError(f"curriculum length {p.seq_len} is shorter than sp={cfg.sp}")
+        task.check_layout(p.seq_len, cfg.sp)
+    model = llama_config(cfg.model)
+    if model.n_heads % model.n_kv_heads:
+        raise ValueError(f"model {cfg.model}: n_heads must be a multiple of n_kv_heads")
+
+
+def make_task(cfg: TrainConfig):
+    return TextTask.load(cfg.text) if cfg.text else RetrievalTask()
+
+
+def train_rank(cfg: TrainConfig) -> dict:
+    """The training loop on one rank of an initialized process group; returns the summary."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    mesh = init_mesh(cfg.dp, cfg.sp, device.type)
+    dp_rank, sp_rank = mesh["dp"].get_local_rank(), mesh["sp"].get_local_rank()
+    task = make_task(cfg)
+    phases = build_phases(cfg)
+    total = sum(p.steps for p in phases)
+    model_cfg = llama_config(cfg.model, vocab_size=task.vocab_size, max_seq_len=max(p.seq_len for p in phases))
+    torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
+    model = Llama(model_cfg).to(device=device, dtype=DTYPES[cfg.dtype])
+    parallelize_module(model, mesh, UlyssesConfig(local_attention_only=cfg.local_attention_only))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+
+    history: list[dict] = []
+    start = 0
+    if cfg.resume:
+        found = latest_checkpoint(cfg.checkpoint_dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.checkpoint_dir}")
+        meta = load_checkpoint(found, model, optimizer)
+        start, history = meta["step"], meta["history"][: meta["step"]]
+    # a step's cost for the ETA: a fixed overhead plus attention's B·N² (a rough fit on CPU)
+    cost = [1 + p.batch * p.seq_len**2 / 4e6 for p in phases for _ in range(p.steps)]
+    progress = Progress(total, start, enabled=rank == 0, step_cost=cost)
+    if rank == 0:
+        progress.say(_banner(cfg, model_cfg, phases, world, start))
+
+    stop = min(total, cfg.stop_after) if cfg.stop_after else total
+    for step in range(start, stop):
+        phase = phase_at(phases, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step, total)
+        tokens, targets = task.batch(phase.batch, phase.seq_len, step_generator(cfg.seed, step))
+        rows = slice(dp_rank * phase.batch // cfg.dp, (dp_rank + 1) * phase.batch // cfg.dp)
+        tokens, targets = tokens[rows].to(device), targets[rows].to(device)
+        count = cfg.log_every and (step % cfg.log_every == 0 or step == stop - 1)
+        t0 = time.perf_counter()
+        with CollectiveCounter() if count else _nothing() as counter:
+            logits, loss = model(tokens, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        seconds = time.perf_counter() - t0
+        correct, scored = _correct(logits, local_slice(targets, sp_rank, cfg.sp, phase.seq_len))
+        stats = torch.tensor([correct, scored, loss.item()], dtype=torch.float64)
+        dist.all_reduce(stats[:2])
+        record = dict(
+            step=step + 1, seq_len=phase.seq_len, batch=phase.batch, loss=stats[2].item(),
+            accuracy=(stats[0] / stats[1]).item() if stats[1] else float("nan"),
+            tokens_per_s=phase.batch * phase.seq_len / seconds, lr=optimizer.param_groups[0]["lr"],
+        )
+        if count:
+            record.update(_comm_and_memory(counter, model_cfg, phase, cfg, sp_rank, device))
+        history.append(record)
+        progress.update(step + 1, record, force=bool(count))
+        if cfg.checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < stop:
+            save_checkpoint(cfg.checkpoint_dir, step + 1, model, optimizer, history, asdict(cfg))
+    done = stop
+    if cfg.checkpoint_dir and done > start:
+        save_checkpoint(cfg.checkpoint_dir, done, model, optimizer, history, asdict(cfg))
+    summary = dict(steps=done, total_steps=total, history=history, chance=task.chance)
+    if done == total:
+        summary["eval_accuracy"] = evaluate(model, task, cfg, phases[-1].seq_len, sp_rank, dp_rank, device)
+    progress.close()
+    return summary
+
+
+def evaluate(model, task, cfg: TrainConfig, seq_len: int, sp_rank: int, dp_rank: int, device) -> float:
+    """Accuracy on ``eval_batches`` held-out batches (stream 1) at ``seq_len``, all ranks."""
+    correct = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(cfg.eval_batches):
+            tokens, targets = task.batch(cfg.dp, seq_len, step_generator(cfg.seed, i, stream=1))
+            tokens, targets = tokens[dp_rank : dp_rank + 1].to(device), targets[dp_rank : dp_rank + 1].to(device)
+            logits = model(tokens)
+            c, n = _correct(logits, local_slice(targets, sp_rank, cfg.sp, seq_len))
+            correct += torch.tensor([c, n], dtype=torch.float64)
+    dist.all_reduce(correct)
+    return (correct[0] / correct[1]).item() if correct[1] else float("nan")
+
+
+def _correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    scored = targets != IGNORE_INDEX
+    hits = (logits.detach().argmax(-1) == targets) & scored
+    return int(hits.sum()), int(scored.sum())
+
+
+def _comm_and_memory(counter, model_cfg, phase: Phase, cfg: TrainConfig, sp_rank: int, device) -> dict:
+    """Per rank (lists indexed by global rank): bytes sent in the step (counted from the
+    collectives issued), all-to-all bytes and their minimum, peak memory. Collective."""
+    size = DTYPES[cfg.dtype].itemsize
+    layout = UlyssesLayout.build(
+        phase.batch // cfg.dp, model_cfg.n_heads, model_cfg.n_kv_heads, phase.seq_len, model_cfg.head_dim, cfg.sp
+    )
+    minimum = 0 if cfg.local_attention_only else (
+        model_cfg.n_layers * size * (layout.forward_elements_sent(sp_rank) + layout.backward_elements_sent(sp_rank))
+    )
+    mine = torch.tensor(
+        [counter.bytes_sent(), counter.bytes_sent("all_to_all"), minimum, _peak_memory_mib(device)], dtype=torch.float64
+    )
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    sent, a2a, a2a_min, peak = (list(col) for col in zip(*(t.tolist() for t in every)))
+    return dict(
+        collectives=dict(counter.counts()), bytes_sent=[int(x) for x in sent], all_to_all_bytes=[int(x) for x in a2a],
+        all_to_all_min_bytes=[int(x) for x in a2a_min], peak_mem_mib=peak,
+    )
+
+
+def _peak_memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _banner(cfg: TrainConfig, model_cfg, phases: list[Phase], world: int, start: int) -> str:
+    task = f"text {cfg.text}" if cfg.text else "retrieval (answers on other sp shards than their queries)"
+    curriculum = " → ".join(f"{p.seq_len}×{p.steps}" for p in phases)
+    lines = [
+        f"ulysses-dtensor train: {world} ranks (dp={cfg.dp} × sp={cfg.sp}), model {cfg.model} "
+        f"({model_cfg.num_params() / 1e6:.2f} M params, {model_cfg.n_heads} heads / {model_cfg.n_kv_heads} kv), "
+        f"{cfg.dtype}",
+        f"task: {task}; curriculum (length×steps): {curriculum}",
+    ]
+    if cfg.local_attention_only:
+        lines.append("ABLATION: attention restricted to each rank's own shard")
+    if start:
+        lines.append(f"resumed at step {start}")
+    return "\n".join(lines)
+
+
+def write_outputs(cfg: TrainConfig, summary: dict) -> list[str]:
+    """metrics.jsonl and summary.json in ``out_dir`` (and PNGs with ``plot``); returns the paths."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    paths = [os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "summary.json")]
+    with open(paths[0], "w") as f:
+        for record in summary["history"]:
+            f.write(json.dumps(record) + "\n")
+    with open(paths[1], "w") as f:
+        json.dump({k: v for k, v in summary.items() if k != "history"} | {"config": asdict(cfg)}, f, indent=2)
+    if cfg.plot:
+        from .plot import plot_history
+
+        paths += plot_history(summary["history"], cfg.out_dir, chance=summary["chance"])
+    return paths
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """Check the options, run :func:`train_rank` on dp × sp ranks (own processes, or the ranks of
+    a surrounding torchrun), write the outputs; returns rank 0's summary."""
+    from .spawn import init_from_env, run_ranks, under_torchrun
+
+    task = make_task(cfg)
+    check_config(cfg, task, build_phases(cfg))
+    world = cfg.dp * cfg.sp
+    if under_torchrun():
+        if int(os.environ["WORLD_SIZE"]) != world:
+            raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} ranks but dp × sp = {world}")
+        init_from_env(cfg.collective_timeout_s)
+        summary = train_rank(cfg)
+        if dist.get_rank() != 0:
+            return summary
+    else:
+        summary = run_ranks(train_rank, world, cfg, timeout_s=cfg.collective_timeout_s)
+    summary["outputs"] = write_outputs(cfg, summary)
+    return summary
