@@ -60,6 +60,10 @@ def _train(cfg: TrainConfig) -> int:
     last = summary["history"][-1] if summary["history"] else {}
     print(f"\ndone: {summary['steps']}/{summary['total_steps']} steps in {time.perf_counter() - t0:.0f} s"
           + (f", final training loss {last['loss']:.4f}" if last else ""))
+    if summary.get("interrupted"):
+        where = f"; checkpoint in {cfg.checkpoint_dir} (continue with --resume)" if cfg.checkpoint_dir else ""
+        print(f"stopped by signal {summary['interrupted']} after step {summary['steps']}{where}")
+        return 128 + summary["interrupted"]
     if "eval_accuracy" in summary:
         print(f"held-out evaluation at seq_len={cfg.seq_len} (chance {summary['chance']:.2f}):")
         print(f"accuracy: {summary['eval_accuracy']:.2f}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import signal
 import socket
 import threading
 import time
@@ -70,6 +71,24 @@ def _rank_main(rank: int, world: int, port: int, timeout_s: float, fn, args, res
             dist.destroy_process_group()
 
 
+def _forward_stop_signals(procs) -> Callable[[], None]:
+    """While the ranks run, SIGTERM / SIGINT to the launcher is passed on to every rank as SIGTERM
+    (the job stops after its current step and checkpoints); a second one kills the ranks.
+    Returns the function restoring the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    received = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        for p in procs:
+            if p.is_alive():
+                (p.kill if len(received) > 1 else p.terminate)()
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()] and None
+
+
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 300.0,
               grace_s: float = 10.0) -> Any:
     """Run ``fn(*args)`` on ``world`` local ranks; return rank 0's result.
@@ -86,6 +105,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
     ]
     for p in procs:
         p.start()
+    restore = _forward_stop_signals(procs)
     replies: dict[int, tuple[str, Any]] = {}
     first_failure = None
     try:
@@ -108,6 +128,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
             if first_failure is not None and time.monotonic() - first_failure > grace_s:
                 break
     finally:
+        restore()
         for p in procs:
             if p.is_alive():
                 p.terminate()

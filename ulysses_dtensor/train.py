@@ -10,8 +10,9 @@ also on another (dp, sp) layout.
 from __future__ import annotations
 
 import json
-import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -164,6 +165,8 @@ def train_rank(cfg: TrainConfig) -> dict:
         progress.say(_banner(cfg, model_cfg, phases, world, start))
 
     stop = min(total, cfg.stop_after) if cfg.stop_after else total
+    done = start
+    stop_signal = _catch_stop_signals()
     for step in range(start, stop):
         phase = phase_at(phases, step)
         for group in optimizer.param_groups:
@@ -180,10 +183,11 @@ def train_rank(cfg: TrainConfig) -> dict:
             optimizer.step()
         seconds = time.perf_counter() - t0
         correct, scored = _correct(logits, local_slice(targets, sp_rank, cfg.sp, phase.seq_len))
-        stats = torch.tensor([correct, scored, loss.item()], dtype=torch.float64)
-        dist.all_reduce(stats[:2])
+        # the step's accuracy and whether any rank was asked to stop, in one all-reduce
+        stats = torch.tensor([correct, scored, float(bool(stop_signal)), loss.item()], dtype=torch.float64)
+        dist.all_reduce(stats[:3])
         record = dict(
-            step=step + 1, seq_len=phase.seq_len, batch=phase.batch, loss=stats[2].item(),
+            step=step + 1, seq_len=phase.seq_len, batch=phase.batch, loss=stats[3].item(),
             accuracy=(stats[0] / stats[1]).item() if stats[1] else float("nan"),
             tokens_per_s=phase.batch * phase.seq_len / seconds, lr=optimizer.param_groups[0]["lr"],
         )
@@ -191,16 +195,40 @@ def train_rank(cfg: TrainConfig) -> dict:
             record.update(_comm_and_memory(counter, model_cfg, phase, cfg, sp_rank, device))
         history.append(record)
         progress.update(step + 1, record, force=bool(count))
-        if cfg.checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < stop:
-            save_checkpoint(cfg.checkpoint_dir, step + 1, model, optimizer, history, asdict(cfg))
-    done = stop
+        done = step + 1
+        if stats[2] > 0:  # SIGTERM / SIGINT on some rank: every rank stops after this same step
+            progress.say(f"stop requested: stopping after step {done}" + (", saving a checkpoint" if cfg.checkpoint_dir else ""))
+            break
+        if cfg.checkpoint_dir and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < stop:
+            save_checkpoint(cfg.checkpoint_dir, done, model, optimizer, history, asdict(cfg))
     if cfg.checkpoint_dir and done > start:
         save_checkpoint(cfg.checkpoint_dir, done, model, optimizer, history, asdict(cfg))
-    summary = dict(steps=done, total_steps=total, history=history, chance=task.chance)
+    summary = dict(steps=done, total_steps=total, history=history, chance=task.chance, interrupted=stop_signal.signum or 0)
     if done == total:
         summary["eval_accuracy"] = evaluate(model, task, cfg, phases[-1].seq_len, sp_rank, dp_rank, device)
     progress.close()
     return summary
+
+
+class _StopSignal:
+    """Truthy once SIGTERM or SIGINT arrived: the loop finishes its step, checkpoints, returns."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = signum
+
+
+def _catch_stop_signals() -> _StopSignal:
+    flag = _StopSignal()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, flag)
+    return flag
 
 
 def evaluate(model, task, cfg: TrainConfig, seq_len: int, sp_rank: int, dp_rank: int, device) -> float:

@@ -1,0 +1,72 @@
+"""Faults in the train job: stop signals checkpoint, a killed rank fails the job fast and named,
+runs are deterministic. Real processes, real signals, bounded waits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import replace
+
+from ulysses_dtensor.train import run_train
+from test_train import SMALL, _cli, _losses, _small_args, reference  # noqa: F401  (fixture)
+
+
+def _wait_for_line(proc, text: str, timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    seen = ""
+    while time.monotonic() < deadline and proc.poll() is None:
+        line = proc.stdout.readline()
+        seen += line
+        if text in line:
+            return seen
+    raise AssertionError(f"never saw {text!r}; output so far:\n{seen}")
+
+
+def _rank_pids(launcher_pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
+    ranks = []
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"resource_tracker" not in f.read():
+                    ranks.append(int(pid))
+        except OSError:
+            pass
+    return sorted(ranks)
+
+
+def test_sigterm_stops_after_the_step_checkpoints_and_resumes_exactly(reference, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = _cli(*_small_args(log_every=1), "--checkpoint-dir", str(ckpt), out=str(tmp_path / "run"))
+    _wait_for_line(proc, "1/16")
+    proc.send_signal(signal.SIGTERM)  # the launcher only; it passes the stop on to the ranks
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert "stopped by signal 15 after step" in text
+    stopped_at = int(text.split("stopped by signal 15 after step ")[1].split(";")[0])
+    assert 1 <= stopped_at < 16 and (ckpt / f"step_{stopped_at:06d}" / "train_state.json").exists()
+    resumed = run_train(replace(SMALL, checkpoint_dir=str(ckpt), resume=True, out_dir=str(tmp_path / "resumed")))
+    assert _losses(resumed) == _losses(reference)  # bit for bit, also the steps before the stop
+
+
+def test_a_killed_rank_fails_the_job_fast_and_named(tmp_path):
+    proc = _cli(*_small_args(log_every=1), "--curriculum", "64:100000", "--sp", "4", out=str(tmp_path))
+    _wait_for_line(proc, "2/100000")
+    ranks = _rank_pids(proc.pid)
+    assert len(ranks) == 4, ranks
+    os.kill(ranks[2], signal.SIGKILL)
+    t0 = time.monotonic()
+    text, _ = proc.communicate(timeout=60)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode not in (0, None)
+    assert "rank 2 failed" in text and "signal 9" in text, text[-2000:]
+    assert elapsed < 20, f"the job took {elapsed:.1f} s to fail after a rank was killed"
+    assert all(not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+               for pid in ranks)
+
+
+def test_same_seed_same_losses_bit_for_bit(reference, tmp_path):
+    again = run_train(replace(SMALL, out_dir=str(tmp_path)))
+    assert _losses(again) == _losses(reference)
