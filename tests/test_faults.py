@@ -70,3 +70,14 @@ def test_a_killed_rank_fails_the_job_fast_and_named(tmp_path):
 def test_same_seed_same_losses_bit_for_bit(reference, tmp_path):
     again = run_train(replace(SMALL, out_dir=str(tmp_path)))
     assert _losses(again) == _losses(reference)
+
+
+def test_a_rank_raising_mid_run_fails_the_job_fast_and_named(tmp_path):
+    env_proc = _cli(*_small_args(log_every=1), "--curriculum", "64:100000", "--sp", "4", out=str(tmp_path),
+                    env={"ULYSSES_DTENSOR_INJECT_FAULT": "1:5"})
+    t0 = time.monotonic()
+    text, _ = env_proc.communicate(timeout=120)
+    assert env_proc.returncode not in (0, None)
+    assert "rank 1 failed: RuntimeError: injected fault on rank 1 at step 5" in text, text[-3000:]
+    assert "4/100000" in text and "5/100000" not in text  # the others never got past the step
+    assert time.monotonic() - t0 < 60

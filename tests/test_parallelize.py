@@ -187,29 +187,38 @@ class _ManualAttention(nn.Module):
 
 
 def _rank_refusal(ctx, case):
+    """The refused call under a collective counter; models are built and parallelized before it
+    (parallelize_module's setup check is itself a collective, run by every rank)."""
     import ulysses_dtensor as U
     from ulysses_dtensor import CollectiveCounter
 
     mesh = _mesh(ctx, 1, ctx.world)
+    counter = CollectiveCounter()
     try:
-        with CollectiveCounter() as counter:
-            if case == "manual_attention":
-                U.parallelize_module(_ManualAttention(), mesh, U.UlyssesConfig(fsdp=False))(torch.randn(1, 8, 8))
-            elif case == "hf_eager":
-                model = _build("llama", torch.float32)
-                model.config._attn_implementation = "eager"
+        if case == "manual_attention":
+            torch.manual_seed(0)
+            model = U.parallelize_module(_ManualAttention(), mesh, U.UlyssesConfig(fsdp=False))
+            with counter:
+                model(torch.randn(1, 8, 8))
+        elif case == "hf_eager":
+            model = _build("llama", torch.float32)
+            model.config._attn_implementation = "eager"
+            with counter:
                 U.parallelize_module(model, mesh)
-            elif case == "no_sp_dim":
-                from torch.distributed.device_mesh import DeviceMesh
+        elif case == "no_sp_dim":
+            from torch.distributed.device_mesh import DeviceMesh
 
+            with counter:
                 U.parallelize_module(_build("gpt", torch.float32), DeviceMesh.from_group(ctx.group, "cpu", mesh_dim_names=("tp",)))
-            elif case == "seq_shorter_than_sp":
-                model = U.parallelize_module(_build("gpt", torch.float32), mesh)
+        elif case == "seq_shorter_than_sp":
+            model = U.parallelize_module(_build("gpt", torch.float32), mesh)
+            with counter:
                 model(torch.zeros(1, 2, dtype=torch.long))
-            elif case == "padding_mask":
-                model = U.parallelize_module(_build("llama", torch.float32), mesh)
-                mask = torch.ones(1, 8, dtype=torch.long)
-                mask[0, :2] = 0
+        elif case == "padding_mask":
+            model = U.parallelize_module(_build("llama", torch.float32), mesh)
+            mask = torch.ones(1, 8, dtype=torch.long)
+            mask[0, :2] = 0
+            with counter:
                 model(input_ids=torch.zeros(1, 8, dtype=torch.long), attention_mask=mask)
     except Exception as exc:  # noqa: BLE001
         return type(exc).__name__, str(exc), counter.counts()
@@ -219,7 +228,8 @@ def _rank_refusal(ctx, case):
 @pytest.mark.parametrize(
     "case,error,pattern,collectives_allowed",
     [
-        ("manual_attention", "RuntimeError", "no F.scaled_dot_product_attention call", False),
+        # raised after the first forward, which every rank ran alike (its shape check included)
+        ("manual_attention", "RuntimeError", "no F.scaled_dot_product_attention call", True),
         ("hf_eager", "ValueError", "attn_implementation='sdpa'", False),
         ("no_sp_dim", "ValueError", "needs an 'sp' dim", False),
         ("seq_shorter_than_sp", "ValueError", "shorter than the sequence-parallel degree", False),

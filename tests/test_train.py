@@ -112,8 +112,8 @@ def test_local_attention_only_sends_no_all_to_all_and_changes_the_result(referen
     assert all(abs(a - b) > 1e-6 * abs(b) for a, b in zip(_losses(summary), _losses(reference)))
 
 
-def _cli(*args: str, out: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def _cli(*args: str, out: str, env: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
     return subprocess.Popen(
         [sys.executable, "-m", "ulysses_dtensor", "train", *args, "--out-dir", out],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

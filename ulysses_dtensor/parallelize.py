@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from . import flex, hf, rewrite, titan
 from .compile import enable_comm_overlap
+from .consistency import check_same_input_shapes, check_same_model
 from .fsdp import apply_fsdp, find_blocks
 from .inputs import IGNORE_INDEX, check_no_padding, global_seq_len, local_slice, shift_labels
 from .layout import seq_shard_offsets, seq_shard_sizes
@@ -86,6 +87,7 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     config = config or UlyssesConfig()
     check_mesh(mesh)
     _install_attention(model)
+    check_same_model(model, dp_sp_mesh(mesh).get_group())
     wrapper = _SequenceParallelForward(model, mesh, config)
     model.forward = wrapper  # instance attribute: nn.Module.__call__ (and its hooks) call it
     if config.compile_overlap:
@@ -135,6 +137,7 @@ class _SequenceParallelForward:
             self.position_arg = "position_ids"
         self.position_buffers = _find_position_buffers(model, config.position_buffers)
         self.verified = False
+        self.shapes_checked = False
         self.last_attention_calls = 0
 
     def accepts(self, name: str) -> bool:
@@ -185,6 +188,11 @@ class _SequenceParallelForward:
                 f"length that is a multiple of sp, or at least {sizes[0] * (self.world - 1) + 1}"
             )
         check_no_padding(named.get("attention_mask"), self.model_name)
+        if not self.shapes_checked and not torch.compiler.is_compiling():
+            # once, at the first forward: all sp ranks must feed the same global batch
+            shapes = {k: tuple(v.shape) for k, v in named.items() if isinstance(v, torch.Tensor)}
+            check_same_input_shapes(shapes, self.sp_group, self.model_name)
+            self.shapes_checked = True
 
     def named_inputs(self, args: tuple, kwargs: dict) -> dict:
         if len(args) > len(self.positional):

@@ -159,7 +159,7 @@ def train_rank(cfg: TrainConfig) -> dict:
         meta = load_checkpoint(found, model, optimizer)
         start, history = meta["step"], meta["history"][: meta["step"]]
     # a step's cost for the ETA: a fixed overhead plus attention's B·N² (a rough fit on CPU)
-    cost = [1 + p.batch * p.seq_len**2 / 4e6 for p in phases for _ in range(p.steps)]
+    cost = [1 + p.batch * p.seq_len**2 / 1.5e7 for p in phases for _ in range(p.steps)]
     progress = Progress(total, start, enabled=rank == 0, step_cost=cost)
     if rank == 0:
         progress.say(_banner(cfg, model_cfg, phases, world, start))
@@ -167,7 +167,10 @@ def train_rank(cfg: TrainConfig) -> dict:
     stop = min(total, cfg.stop_after) if cfg.stop_after else total
     done = start
     stop_signal = _catch_stop_signals()
+    fault = _injected_fault(rank)
     for step in range(start, stop):
+        if step == fault:
+            raise RuntimeError(f"injected fault on rank {rank} at step {step + 1} ({FAULT_ENV})")
         phase = phase_at(phases, step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step, total)
@@ -208,6 +211,19 @@ def train_rank(cfg: TrainConfig) -> dict:
         summary["eval_accuracy"] = evaluate(model, task, cfg, phases[-1].seq_len, sp_rank, dp_rank, device)
     progress.close()
     return summary
+
+
+# Testing hook for fault drills (tests/test_faults.py, scripts/soak.py): "RANK:STEP" makes that
+# rank raise when it reaches that step (1-based), mid-run, while the others are in collectives.
+FAULT_ENV = "ULYSSES_DTENSOR_INJECT_FAULT"
+
+
+def _injected_fault(rank: int) -> int | None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    fault_rank, step = (int(x) for x in spec.split(":"))
+    return step - 1 if fault_rank == rank else None
 
 
 class _StopSignal:
