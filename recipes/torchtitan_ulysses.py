@@ -69,7 +69,6 @@ from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.trainer import Trainer
 
 import ulysses_dtensor as U
-from ulysses_dtensor import rewrite
 from ulysses_dtensor.inputs import local_slice
 
 # Sequence lengths of the configs below (tokens per sequence, before sharding over sp).
@@ -130,43 +129,11 @@ def ulysses_mesh(parallel_dims: ParallelDims, device_type: str | None = None) ->
 # activation checkpointing and compile (torchtitan's own, made Ulysses-aware)
 
 
-def reenter_ulysses_mode_on_recompute(block: nn.Module) -> None:
-    """Make ``block``'s forward run inside the Ulysses rewrite when activation checkpointing
-    recomputes it during backward.
-
-    ``parallelize_module`` rewrites attention inside the model's forward only (a
-    ``TorchFunctionMode``); torch's checkpoint recomputes a block in backward, outside that mode,
-    where attention would see this rank's tokens only. This wrapper remembers the mode of the last
-    forward and enters it again for a call made from the autograd engine (the recompute).
-    """
-    forward = block.forward
-    remembered: dict[str, Any] = {}
-
-    def forward_in_ulysses_mode(*args, **kwargs):
-        mode = rewrite.current.get("mode")
-        if mode is not None:  # the forward itself
-            remembered["mode"] = mode
-            return forward(*args, **kwargs)
-        if "mode" not in remembered or torch._C._current_graph_task_id() == -1:
-            return forward(*args, **kwargs)  # not a recompute: nothing to restore
-        mode = remembered["mode"]
-        rewrite.current["mode"] = mode
-        try:
-            with mode:
-                return forward(*args, **kwargs)
-        finally:
-            rewrite.current.pop("mode", None)
-
-    block.forward = forward_in_ulysses_mode
-
-
 def apply_activation_checkpointing(model: Decoder, ac_config: ActivationCheckpointingConfig, dump_folder: str) -> None:
-    """torchtitan's activation checkpointing of every block (``activation-checkpoint:*``), with the
-    eager recompute inside the Ulysses rewrite (:func:`reenter_ulysses_mode_on_recompute`)."""
+    """torchtitan's activation checkpointing of every block (``activation-checkpoint:*``); the
+    recompute runs inside the Ulysses rewrite (``parallelize_module`` arranges it)."""
     if ac_config is None:
         return
-    for block in model.layers.values():
-        reenter_ulysses_mode_on_recompute(block)
     ac_config.build(dump_folder=dump_folder).apply(model)
 
 

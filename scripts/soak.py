@@ -53,8 +53,24 @@ def _wait_step(proc: subprocess.Popen, step: int, timeout_s: float = 300) -> str
 
 
 def _job_pids(pgid: int) -> list[int]:
+    """Live (not zombie) processes of the job's process group."""
     out = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
+    alive = []
+    for pid in out:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(int(pid))
+        except OSError:
+            pass
+    return alive
+
+
+def _wait_gone(pgid: int, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := _job_pids(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
 
 
 def _losses(path: str) -> list[float]:
@@ -76,7 +92,7 @@ def drill_resume(trial: int, reference: list[float], sp: int, every: int, work: 
             break  # finished (or failed) before the kill step
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
-        leftover = _job_pids(proc.pid)
+        leftover = _wait_gone(proc.pid, 10)  # SIGKILL is delivered asynchronously
         saved = max([int(d.split("_")[1]) for d in os.listdir(ckpt) if os.path.exists(os.path.join(ckpt, d, "train_state.json"))] or [0])
         kills.append(kill_at)
         lost.append(kill_at - saved)
@@ -111,10 +127,8 @@ def drill_fault(trial: int, kind: str, sp: int, timeout_s: float, work: str) -> 
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         return dict(ok=False, why="hang: the job did not exit", rank=fault_rank, step=fault_step)
-    while _job_pids(proc.pid) and time.monotonic() - t0 < timeout_s + 10:
-        time.sleep(0.1)
+    leftover = _wait_gone(proc.pid, timeout_s + 10 - (time.monotonic() - t0))
     seconds = time.monotonic() - t0
-    leftover = _job_pids(proc.pid)
     named = f"rank {fault_rank} failed" in text
     ok = proc.returncode != 0 and named and not leftover and seconds <= timeout_s + 10
     return dict(ok=ok, rank=fault_rank, step=fault_step, seconds_to_all_exited=round(seconds, 2),

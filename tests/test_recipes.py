@@ -261,26 +261,6 @@ def test_compiled_blocks_match_one_process(ranks4):
         assert errors["logits"] <= 1e-5 and errors["loss"] <= 1e-5 and errors["grads"] <= 1e-5, errors
 
 
-def _rank_recompute_without_ulysses(ctx):
-    """Activation checkpointing without reenter_ulysses_mode_on_recompute: the recompute runs
-    attention on this rank's tokens only, and torch's checkpoint catches the different shapes."""
-    R = recipe()
-    R.reenter_ulysses_mode_on_recompute, saved = (lambda block: None), R.reenter_ulysses_mode_on_recompute
-    try:
-        _rank_titan_step(ctx, "llama3_debugmodel_sdpa", 1, 4, "full")
-    except Exception as exc:  # noqa: BLE001 - the type is the result
-        return type(exc).__name__
-    finally:
-        R.reenter_ulysses_mode_on_recompute = saved
-    return "no error"
-
-
-def test_activation_checkpointing_fails_without_the_recompute_fix(ranks4):
-    """Shows the workaround is needed (remove both once parallelize_module recomputes inside the
-    rewrite itself)."""
-    assert ranks4.run(_rank_recompute_without_ulysses, timeout_s=300) == ["CheckpointError"] * 4
-
-
 def _rank_flex_forward(ctx, dp, sp):
     """The flex debugmodel: the BlockMask of the *global* packed sequence (two documents),
     built by UlyssesTrainer's data path; forward only (torch has no flex backward on CPU)."""

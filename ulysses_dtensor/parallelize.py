@@ -31,6 +31,7 @@ from .fsdp import apply_fsdp, find_blocks
 from .inputs import IGNORE_INDEX, check_no_padding, global_seq_len, local_slice, shift_labels
 from .layout import seq_shard_offsets, seq_shard_sizes
 from .mesh import check_mesh, dp_sp_mesh, sp_mesh
+from .recompute import reenter_rewrite_on_recompute
 from .rewrite import UlyssesFunctionMode
 
 
@@ -92,8 +93,9 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     model.forward = wrapper  # instance attribute: nn.Module.__call__ (and its hooks) call it
     if config.compile_overlap:
         enable_comm_overlap()
+    blocks = find_blocks(model, config.block_classes)
+    reenter_rewrite_on_recompute(blocks)  # activation checkpointing recomputes inside the rewrite
     if config.fsdp:
-        blocks = find_blocks(model, config.block_classes)
         apply_fsdp(model, dp_sp_mesh(mesh), blocks, config.reshard_after_forward)
     # Registered last with prepend: the input checks run before FSDP's pre-forward all-gather,
     # so bad input raises on every rank before any collective.
