@@ -9,6 +9,8 @@ import subprocess
 import time
 from dataclasses import replace
 
+import pytest
+
 from ulysses_dtensor.train import run_train
 from test_train import SMALL, _cli, _losses, _small_args, reference  # noqa: F401  (fixture)
 
@@ -37,15 +39,17 @@ def _rank_pids(launcher_pid: int) -> list[int]:
     return sorted(ranks)
 
 
-def test_sigterm_stops_after_the_step_checkpoints_and_resumes_exactly(reference, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_stops_after_the_step_checkpoints_and_resumes_exactly(reference, tmp_path, signum):
     ckpt = tmp_path / "ckpt"
     proc = _cli(*_small_args(log_every=1), "--checkpoint-dir", str(ckpt), out=str(tmp_path / "run"))
     _wait_for_line(proc, "1/16")
-    proc.send_signal(signal.SIGTERM)  # the launcher only; it passes the stop on to the ranks
+    proc.send_signal(signum)  # the launcher only; it passes the stop on to the ranks
     text, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, text
-    assert "stopped by signal 15 after step" in text
-    stopped_at = int(text.split("stopped by signal 15 after step ")[1].split(";")[0])
+    assert proc.returncode == 128 + signum, text
+    said = f"stopped by signal {int(signum)} after step "
+    assert said in text
+    stopped_at = int(text.split(said)[1].split(";")[0])
     assert 1 <= stopped_at < 16 and (ckpt / f"step_{stopped_at:06d}" / "train_state.json").exists()
     resumed = run_train(replace(SMALL, checkpoint_dir=str(ckpt), resume=True, out_dir=str(tmp_path / "resumed")))
     assert _losses(resumed) == _losses(reference)  # bit for bit, also the steps before the stop

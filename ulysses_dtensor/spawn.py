@@ -72,8 +72,8 @@ def _rank_main(rank: int, world: int, port: int, timeout_s: float, fn, args, res
 
 
 def _forward_stop_signals(procs) -> Callable[[], None]:
-    """While the ranks run, SIGTERM / SIGINT to the launcher is passed on to every rank as SIGTERM
-    (the job stops after its current step and checkpoints); a second one kills the ranks.
+    """While the ranks run, SIGTERM / SIGINT to the launcher is passed on to every rank (the job
+    stops after its current step and checkpoints); a second one kills the ranks.
     Returns the function restoring the previous handlers."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -83,7 +83,10 @@ def _forward_stop_signals(procs) -> Callable[[], None]:
         received.append(signum)
         for p in procs:
             if p.is_alive():
-                (p.kill if len(received) > 1 else p.terminate)()
+                if len(received) > 1:
+                    p.kill()
+                else:
+                    os.kill(p.pid, signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     return lambda: [signal.signal(s, h) for s, h in previous.items()] and None
