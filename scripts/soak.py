@@ -105,7 +105,7 @@ def drill_resume(trial: int, reference: list[float], sp: int, every: int, work: 
             break
     text, _ = proc.communicate(timeout=600)
     if proc.returncode != 0:
-        return dict(ok=False, why=f"final run failed:\n{text[-2000:]}")
+        return dict(ok=False, why=f"final run failed (exit status {proc.returncode}):\n{text[-2000:]}")
     got = _losses(os.path.join(ckpt + "_out", "metrics.jsonl"))
     ok = got == reference and all(n <= every for n in lost)
     return dict(ok=ok, killed_at=kills, steps_lost=lost, why="" if ok else "losses differ from the uninterrupted run")
