@@ -113,9 +113,11 @@ def drill_resume(trial: int, reference: list[float], sp: int, every: int, work: 
 
 def drill_fault(trial: int, kind: str, sp: int, timeout_s: float, work: str) -> dict:
     rng = random.Random(1000 + trial)
-    fault_step, fault_rank = rng.randint(3, 60), rng.randrange(sp)
+    fault_step, fault_rank = rng.randint(4, 60), rng.randrange(sp)
     env = {"ULYSSES_DTENSOR_INJECT_FAULT": f"{fault_rank}:{fault_step}"} if kind == "raise" else None
     proc = _start(["--sp", str(sp), "--collective-timeout-s", str(timeout_s)], out=os.path.join(work, f"{kind}{trial}"), env=env)
+    if kind == "raise":
+        _wait_step(proc, fault_step - 1)  # the fault fires as step fault_step begins
     if kind == "kill-rank":
         _wait_step(proc, fault_step)
         ranks = sorted(int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "spawn_main"],
