@@ -173,6 +173,7 @@ def test_cli_refuses_bad_options_before_starting_ranks(tmp_path):
     for args, message in (
         (["--sp", "3", "--seq-len", "48", "--curriculum", "none"], "share a shard"),
         (["--resume"], "--resume needs --checkpoint-dir"),
+        (["--resume", "--checkpoint-dir", str(tmp_path / "empty")], "no complete checkpoint"),
         (["--dtype", "float16"], "--dtype"),
         (["--curriculum", "abc"], "--curriculum"),
     ):

@@ -64,6 +64,10 @@ class TrainConfig:
     collective_timeout_s: float = _opt(300.0, "a collective waiting longer than this fails the run")
 
 
+# options that shape the data, the model or the schedule: a resume that changes them diverges
+SCHEDULE_FIELDS = ("model", "seq_len", "curriculum", "steps", "tokens_per_step", "lr", "warmup", "seed", "dtype", "text")
+
+
 @dataclass(frozen=True)
 class Phase:
     seq_len: int
@@ -120,6 +124,8 @@ def check_config(cfg: TrainConfig, task, phases: list[Phase]) -> None:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
     if cfg.resume and not cfg.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir")
+    if cfg.resume and latest_checkpoint(cfg.checkpoint_dir) is None:
+        raise ValueError(f"--resume: no complete checkpoint in {cfg.checkpoint_dir}")
     for p in phases:
         if p.seq_len < cfg.sp:
             raise ValueError(f"curriculum length {p.seq_len} is shorter than sp={cfg.sp}")
@@ -158,6 +164,11 @@ def train_rank(cfg: TrainConfig) -> dict:
             raise FileNotFoundError(f"--resume: no checkpoint in {cfg.checkpoint_dir}")
         meta = load_checkpoint(found, model, optimizer)
         start, history = meta["step"], meta["history"][: meta["step"]]
+        changed = {k: (meta["config"].get(k), v) for k, v in asdict(cfg).items()
+                   if k in SCHEDULE_FIELDS and meta["config"].get(k) != v}
+        if changed and rank == 0:
+            print(f"warning: resuming with options that differ from the checkpoint's (saved → now): {changed}; "
+                  "the continuation is not the uninterrupted run's", flush=True)
     # a step's cost for the ETA: a fixed overhead plus attention's B·N² (a rough fit on CPU)
     cost = [1 + p.batch * p.seq_len**2 / 1.5e7 for p in phases for _ in range(p.steps)]
     progress = Progress(total, start, enabled=rank == 0, step_cost=cost)
