@@ -8,6 +8,7 @@ from .attention import ulysses_attention
 from .comm import head_to_seq, seq_to_head
 from .comm_counter import CollectiveCounter
 from .compile import explain
+from .documents import Documents
 from .dtensor_rule import register, unregister
 from .inputs import gather_sequence, shard_batch
 from .layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
@@ -18,6 +19,7 @@ from .style import UlyssesAttention
 
 __all__ = [
     "CollectiveCounter",
+    "Documents",
     "UlyssesAttention",
     "UlyssesConfig",
     "UlyssesLayout",

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import ExchangePlan, check_4d, exchange_head_to_seq, exchange_seq_to_head, group_rank_world, resolve_seq_len
+from .documents import Documents, as_documents
 from .kernels import resolve_kernel
 from .layout import UlyssesLayout
 
@@ -32,6 +33,7 @@ def ulysses_attention(
     enable_gqa: bool = False,
     kernel: str | Callable = "sdpa",
     seq_len: int | None = None,
+    documents: Documents | Tensor | None = None,
 ) -> Tensor:
     """Exact attention over the global sequence from sequence-sharded inputs.
 
@@ -47,16 +49,24 @@ def ulysses_attention(
         kernel: "sdpa" (default), "flex", "flash" or a callable (see ``kernels.LocalAttention``).
         seq_len: global N; default ``N_r * P``. Shards follow DTensor's ``Shard`` rule, so for
             N % P != 0 ranks hold ceil(N/P) tokens and the last ones fewer.
+        documents: packed documents of the *global* sequence: attention stays within each
+            document (causal within it with ``is_causal``; intersected with a tensor
+            ``attn_mask``). A :class:`~ulysses_dtensor.documents.Documents` (build it once per step
+            and pass it to every layer: its masks are cached) or a tensor of document ids ``(B, N)``
+            / ``(N,)``, non-decreasing along the sequence, the same on every rank. The mask is built
+            locally after the all-to-all (every rank then holds all N tokens): no extra collective.
+            See docs/packed.md for the kernels' document paths and their memory.
 
     Returns:
         (B, H, N_r, Dv): this rank's tokens of the attention output.
     """
     group, rank, world = group_rank_world(group)
+    documents = as_documents(documents)
     layout = check_attention_inputs(
         q, k, v, world=world, rank=rank, attn_mask=attn_mask, is_causal=is_causal,
-        enable_gqa=enable_gqa, seq_len=seq_len,
+        enable_gqa=enable_gqa, seq_len=seq_len, documents=documents,
     )
-    local_kernel, check_kernel_inputs = resolve_kernel(kernel)
+    local_kernel, check_kernel_inputs = resolve_kernel(kernel, documents=documents is not None)
     check_kernel_inputs(attn_mask, dropout_p)
     plan = ExchangePlan(
         heads=(layout.q_ranges, layout.kv_ranges, layout.kv_ranges),
@@ -68,7 +78,7 @@ def ulysses_attention(
     q_h, k_h, v_h = exchange_seq_to_head(plan, q, k, v)
     out_h = local_attention(
         q_h, k_h, v_h, layout, rank, local_kernel,
-        attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, documents=documents,
     )
     out_plan = ExchangePlan(
         heads=(layout.q_ranges,), num_heads=(layout.num_heads,), seq_sizes=layout.seq_sizes,
@@ -89,10 +99,12 @@ def local_attention(
     dropout_p: float,
     is_causal: bool,
     scale: float | None,
+    documents: Documents | None = None,
 ) -> Tensor:
     """Run ``kernel`` on this rank's heads over the full sequence.
 
-    q_h: (B, H_r, N, D), k_h/v_h: (B, H_kv_r, N, D). Returns (B, H_r, N, Dv).
+    q_h: (B, H_r, N, D), k_h/v_h: (B, H_kv_r, N, D). Returns (B, H_r, N, Dv). With ``documents``
+    the kernel is a document kernel (``kernels.DOCUMENT_KERNELS``) and gets them as a keyword.
     """
     q_start, q_stop = layout.q_ranges[rank]
     if q_stop == q_start:
@@ -104,6 +116,11 @@ def local_attention(
         attn_mask = _mask_for_heads(attn_mask, layout.num_heads, q_start, q_stop)
     elif attn_mask is not None and hasattr(attn_mask, "shape") and attn_mask.shape[1] == layout.num_heads > 1:
         attn_mask = attn_mask[:, q_start:q_stop]  # per-head flex BlockMask
+    if documents is not None:
+        return kernel(
+            q_h, k_h, v_h, documents=documents, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa, dropout_p=dropout_p,
+        )
     return kernel(
         q_h, k_h, v_h, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
         enable_gqa=enable_gqa, dropout_p=dropout_p,
@@ -144,6 +161,7 @@ def check_attention_inputs(
     is_causal: bool = False,
     enable_gqa: bool = False,
     seq_len: int | None = None,
+    documents: Documents | None = None,
 ) -> UlyssesLayout:
     """Validate local shards and return the exchange layout. Raises before any collective."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -180,6 +198,8 @@ def check_attention_inputs(
         if is_causal:
             raise ValueError("pass either attn_mask or is_causal=True, not both")
         _check_mask(attn_mask, q, batch, num_heads, seq_len)
+    if documents is not None:
+        documents.check(batch, seq_len, q.device)
     return UlyssesLayout.build(batch, num_heads, num_kv_heads, seq_len, head_dim, world, v.shape[3])
 
 

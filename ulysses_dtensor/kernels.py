@@ -3,11 +3,17 @@
 Every kernel sees full-sequence, head-sharded tensors: q: (B, H_r, N, D), k/v: (B, H_kv_r, N, D)
 with ``enable_gqa`` meaning query head ``j`` reads kv head ``j // (H_r // H_kv_r)``. So a kernel
 is exactly its single-process self: masks and causality are expressed for the global sequence.
+
+Packed documents (``documents.Documents`` of the global sequence) go to a kernel's document
+variant (:data:`DOCUMENT_KERNELS`): SDPA per chunk of whole documents, flex with a document
+BlockMask, flash-attn's varlen function. A callable kernel gets the dense document mask as
+``attn_mask``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from functools import partial
 from typing import Callable, Protocol
 
 import torch
@@ -104,6 +110,84 @@ def _no_check(attn_mask, dropout_p: float) -> None:
     pass
 
 
+# -- packed documents ------------------------------------------------------------------------------
+
+
+def sdpa_documents_kernel(q, k, v, *, documents, attn_mask, is_causal, scale, enable_gqa, dropout_p):
+    """SDPA within documents. Eagerly, per chunk of whole documents (``Documents.chunks``): one
+    document → plain SDPA (``is_causal``, no mask); several → the chunk's block-diagonal mask.
+    With a tensor ``attn_mask``, ``chunk_tokens=None`` or under torch.compile: one dense
+    ``(B, 1, N, N)`` document mask."""
+    from .documents import with_documents
+
+    sdpa = partial(F.scaled_dot_product_attention, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa)
+    if attn_mask is not None or documents.chunk_tokens is None or torch.compiler.is_compiling():
+        return sdpa(q, k, v, attn_mask=with_documents(documents, attn_mask, is_causal))
+    rows_out = []
+    for row, chunks in documents.chunks(documents.chunk_tokens):
+        batch = slice(None) if row is None else slice(row, row + 1)
+        id_rows = slice(None) if row is None else batch
+        out = []
+        for start, stop, single in chunks:
+            span = (batch, slice(None), slice(start, stop))
+            if single:
+                out.append(sdpa(q[span], k[span], v[span], is_causal=is_causal))
+            else:
+                mask = documents.dense_mask(is_causal, id_rows, (start, stop))
+                out.append(sdpa(q[span], k[span], v[span], attn_mask=mask))
+        rows_out.append(out[0] if len(out) == 1 else torch.cat(out, dim=2))
+    return rows_out[0] if len(rows_out) == 1 else torch.cat(rows_out, dim=0)
+
+
+def flex_documents_kernel(q, k, v, *, documents, attn_mask, is_causal, scale, enable_gqa, dropout_p):
+    """flex_attention with the documents' BlockMask (causal within documents if asked)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = documents.block_mask(is_causal)
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def check_flex_documents(attn_mask, dropout_p: float) -> None:
+    check_flex(attn_mask, dropout_p)
+    if attn_mask is not None:
+        raise ValueError(
+            "kernel='flex' with documents takes no attn_mask: build one BlockMask from "
+            "and_masks(your_mask_mod, documents.mask_mod(is_causal)) and pass it without documents"
+        )
+
+
+def flash_varlen_kernel(q, k, v, *, documents, attn_mask, is_causal, scale, enable_gqa, dropout_p):
+    """flash-attn 2 ``flash_attn_varlen_func`` over the documents (CUDA, fp16/bf16): batch rows
+    flattened to one token axis, documents given by ``cu_seqlens``; GQA native."""
+    from flash_attn import flash_attn_varlen_func
+
+    batch, _, n, _ = q.shape
+    cu_seqlens, max_seqlen = documents.cu_seqlens(batch)
+
+    def tokens(t):  # (B, H, N, D) -> (B*N, H, D)
+        return t.transpose(1, 2).reshape(batch * n, t.shape[1], t.shape[3])
+
+    out = flash_attn_varlen_func(
+        tokens(q), tokens(k), tokens(v), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        dropout_p=dropout_p, softmax_scale=scale, causal=is_causal,
+    )
+    return out.view(batch, n, q.shape[1], -1).transpose(1, 2)
+
+
+def with_document_mask(kernel: Callable) -> Callable:
+    """A callable kernel given documents: it sees the dense document mask as ``attn_mask``."""
+
+    def run(q, k, v, *, documents, attn_mask, is_causal, scale, enable_gqa, dropout_p):
+        from .documents import with_documents
+
+        return kernel(
+            q, k, v, attn_mask=with_documents(documents, attn_mask, is_causal), is_causal=False,
+            scale=scale, enable_gqa=enable_gqa, dropout_p=dropout_p,
+        )
+
+    return run
+
+
 # name -> (kernel, input check run before any collective)
 KERNELS: dict[str, tuple[Callable, Callable]] = {
     "sdpa": (sdpa_kernel, check_sdpa),
@@ -112,12 +196,21 @@ KERNELS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def resolve_kernel(kernel: str | Callable) -> tuple[Callable, Callable]:
+# name -> (document kernel: the kernel's signature plus ``documents``, input check)
+DOCUMENT_KERNELS: dict[str, tuple[Callable, Callable]] = {
+    "sdpa": (sdpa_documents_kernel, check_sdpa),
+    "flex": (flex_documents_kernel, check_flex_documents),
+    "flash": (flash_varlen_kernel, check_flash),
+}
+
+
+def resolve_kernel(kernel: str | Callable, documents: bool = False) -> tuple[Callable, Callable]:
     """``(kernel, check)`` for a kernel name (``"sdpa"``, ``"flex"``, ``"flash"``) or a callable
-    with the :class:`LocalAttention` signature (which gets no check)."""
+    with the :class:`LocalAttention` signature (which gets no check). ``documents``: the variant
+    for packed documents (it takes a ``documents`` keyword too)."""
     if callable(kernel):
-        return kernel, _no_check
+        return (with_document_mask(kernel) if documents else kernel), _no_check
     try:
-        return KERNELS[kernel]
+        return (DOCUMENT_KERNELS if documents else KERNELS)[kernel]
     except (KeyError, TypeError):
         raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {sorted(KERNELS)} or pass a callable") from None

@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor, Shard
 from . import flex, hf, rewrite, titan
 from .compile import enable_comm_overlap
 from .consistency import check_same_input_shapes, check_same_model
+from .documents import Documents
 from .fsdp import apply_fsdp, find_blocks
 from .inputs import IGNORE_INDEX, check_no_padding, global_seq_len, local_slice, shift_labels
 from .layout import seq_shard_offsets, seq_shard_sizes
@@ -38,6 +39,9 @@ from .rewrite import UlyssesFunctionMode
 # Forward arguments taking token positions (HF: position_ids; torchtitan: positions). When the
 # caller gives none, the global positions of this rank's tokens are passed, so RoPE is exact.
 POSITION_ARGS = ("position_ids", "positions")
+# Forward keyword with the document ids of a packed batch (global (B, N) or (N,)); taken by the
+# wrapper, passed to the model only if its forward declares it.
+DOCUMENT_IDS = "document_ids"
 
 
 @dataclass
@@ -59,6 +63,15 @@ class UlyssesConfig:
         local_attention_only: ablation: attention sees only each rank's own N/P tokens (no
             all-to-all). Wrong for real training; ``ulysses-dtensor train`` uses it to show that
             its task needs attention across shards.
+        packed_documents: attention within documents of a packed batch (docs/packed.md). The
+            documents come from a ``document_ids=`` keyword of the call (global ids, non-decreasing
+            along the sequence) or else from the position input (``position_ids``/``positions``):
+            a document starts wherever a position is not the previous one + 1 (transformers'
+            rule, as produced by ``DataCollatorWithFlattening``). ``True``: always (one of the two
+            is required). ``False``: never (positions only feed RoPE). ``None`` (default):
+            ``document_ids=`` when given; for Hugging Face models also position resets, as
+            transformers itself does in one process; batches without resets keep the plain
+            causal path.
     """
 
     kernel: str | Callable = "sdpa"
@@ -70,6 +83,7 @@ class UlyssesConfig:
     ignore_index: int = IGNORE_INDEX
     compile_overlap: bool = True
     local_attention_only: bool = False
+    packed_documents: bool | None = None
 
 
 def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig | None = None) -> nn.Module:
@@ -138,6 +152,7 @@ class _SequenceParallelForward:
         if self.position_arg is None and self.var_kwargs:
             self.position_arg = "position_ids"
         self.position_buffers = _find_position_buffers(model, config.position_buffers)
+        self.is_hf = hf.is_hf_model(model)
         self.verified = False
         self.shapes_checked = False
         self.last_attention_calls = 0
@@ -146,7 +161,7 @@ class _SequenceParallelForward:
         return name in self.params or self.var_kwargs
 
     def __call__(self, *args, **kwargs):
-        args, kwargs, seq_len = self.shard_inputs(args, kwargs)
+        args, kwargs, seq_len, documents = self.shard_inputs(args, kwargs)
         sizes = seq_shard_sizes(seq_len, self.world)
         offset, n_local = seq_shard_offsets(sizes)[self.rank], sizes[self.rank]
         full = {}
@@ -154,7 +169,8 @@ class _SequenceParallelForward:
             full[(module, name)] = module._buffers[name]
             module._buffers[name] = table[offset : offset + n_local]
         mode = UlyssesFunctionMode(
-            self.sp_group, seq_len, self.loss_group, self.config.kernel, self.config.local_attention_only
+            self.sp_group, seq_len, self.loss_group, self.config.kernel, self.config.local_attention_only,
+            documents,
         )
         rewrite.current["mode"] = mode
         try:
@@ -172,6 +188,15 @@ class _SequenceParallelForward:
                     "the result is wrong. Use F.scaled_dot_product_attention (HF: attn_implementation='sdpa')"
                 )
             self.verified = True
+        if documents is not None and not self.config.local_attention_only and not torch.compiler.is_compiling():
+            missed = mode.attention_calls - mode.document_calls
+            if missed:
+                raise RuntimeError(
+                    f"parallelize_module: {self.model_name} got a packed batch but {missed} of its "
+                    f"{mode.attention_calls} attention calls are not "
+                    "F.scaled_dot_product_attention (flex_attention?) and ignored the documents; build "
+                    "their BlockMask with the document mask_mod (docs/packed.md) instead"
+                )
         if not torch.compiler.is_compiling():
             self.last_attention_calls = mode.attention_calls  # read by compile.explain
         return out
@@ -190,6 +215,10 @@ class _SequenceParallelForward:
                 f"length that is a multiple of sp, or at least {sizes[0] * (self.world - 1) + 1}"
             )
         check_no_padding(named.get("attention_mask"), self.model_name)
+        ref = next(t for t in named.values() if isinstance(t, torch.Tensor) and t.dim() >= 2)
+        documents = self.packed_documents(named, ref, check_only=True)
+        if documents is not None:
+            documents.check(ref.shape[0], seq_len, ref.device)
         if not self.shapes_checked and not torch.compiler.is_compiling():
             # once, at the first forward: all sp ranks must feed the same global batch
             shapes = {k: tuple(v.shape) for k, v in named.items() if isinstance(v, torch.Tensor)}
@@ -203,8 +232,39 @@ class _SequenceParallelForward:
         named.update(kwargs)
         return named
 
-    def shard_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, int]:
-        """Slice global tensors, unwrap sharded DTensors; add global positions and shifted labels."""
+    def packed_documents(self, named: dict, ref: torch.Tensor, check_only: bool = False) -> Documents | None:
+        """This forward's documents (``UlyssesConfig.packed_documents``) from the global
+        ``document_ids`` or position input, or None. ``check_only``: validate plain tensors only
+        (sharded DTensor inputs are gathered, one small all-gather, in the forward itself)."""
+        packed = self.config.packed_documents
+        ids = named.get(DOCUMENT_IDS)
+        positions = named.get(self.position_arg) if self.position_arg is not None else None
+        if ids is not None:
+            if packed is False:
+                raise ValueError(f"{self.model_name}: document_ids given but UlyssesConfig(packed_documents=False)")
+            source, build = ids, Documents
+        elif packed or (packed is None and self.is_hf and positions is not None):
+            if positions is None:
+                raise ValueError(
+                    f"{self.model_name}: UlyssesConfig(packed_documents=True) needs document_ids= or position "
+                    "ids restarting at each document (position_ids=/positions=) in the forward call"
+                )
+            source, build = positions, Documents.from_position_ids
+        else:
+            return None
+        if isinstance(source, DTensor):
+            if check_only:
+                return None
+            source = source.full_tensor()
+        documents = build(source.to(ref.device))
+        if packed is None and ids is None and not check_only and not torch.compiler.is_compiling():
+            if documents.is_single_document():
+                return None  # positions without a reset: one document per row, the plain causal path
+        return documents
+
+    def shard_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, int, Documents | None]:
+        """Slice global tensors, unwrap sharded DTensors; add global positions and shifted labels;
+        the packed documents of the global sequence, if any."""
         named = self.named_inputs(args, kwargs)
         seq_len = global_seq_len(named, self.model_name)
         if named.get("attention_mask") is not None:
@@ -214,6 +274,9 @@ class _SequenceParallelForward:
         if isinstance(labels, torch.Tensor) and not isinstance(labels, DTensor) and self.accepts("shift_labels"):
             named.setdefault("shift_labels", shift_labels(labels, self.config.ignore_index))
         ref = next(t for t in named.values() if isinstance(t, torch.Tensor) and t.dim() >= 2)
+        documents = self.packed_documents(named, ref)
+        if DOCUMENT_IDS not in self.params:
+            named.pop(DOCUMENT_IDS, None)
         if self.position_arg is not None and named.get(self.position_arg) is None:
             named[self.position_arg] = torch.arange(seq_len, device=ref.device).expand(ref.shape[0], seq_len)
         if "use_cache" in self.params and named.get("use_cache") is None:
@@ -223,7 +286,7 @@ class _SequenceParallelForward:
                 named[name] = value.to_local()
             elif isinstance(value, torch.Tensor) and value.dim() >= 2:
                 named[name] = local_slice(value, self.rank, self.world, seq_len).contiguous()
-        return (), named, seq_len
+        return (), named, seq_len, documents
 
 
 def _find_position_buffers(model: nn.Module, names: tuple[str, ...] | None):

@@ -4,7 +4,7 @@
 
 * ``F.scaled_dot_product_attention`` on this rank's tokens becomes :func:`ulysses_attention`
   over the sequence-parallel group (any model calling SDPA, Hugging Face's "sdpa" attention
-  included);
+  included) — within each document when the forward's batch is packed (``documents``);
 * ``F.cross_entropy(..., reduction="mean")`` becomes the *global* token-weighted mean over the
   loss group: every rank's value is the single-process loss on the whole batch, and each rank's
   gradient path carries its own tokens' share, so summing gradients over ranks (FSDP with a
@@ -84,16 +84,21 @@ class UlyssesFunctionMode(TorchFunctionMode):
         kernel: local attention kernel for :func:`ulysses_attention`.
         local_attention_only: leave attention on each rank's own tokens (an ablation: wrong for
             training, it shows what the model loses without attention across shards).
+        documents: packed documents of the global sequence (``documents.Documents``): every SDPA
+            call attends within documents only. ``document_calls`` counts the calls that did.
     """
 
-    def __init__(self, sp_group, seq_len: int, loss_group=None, kernel="sdpa", local_attention_only=False):
+    def __init__(self, sp_group, seq_len: int, loss_group=None, kernel="sdpa", local_attention_only=False,
+                 documents=None):
         super().__init__()
         self.local_attention_only = local_attention_only
         self.sp_group = sp_group
         self.seq_len = seq_len
         self.loss_group = loss_group
         self.kernel = kernel
+        self.documents = documents
         self.attention_calls = 0
+        self.document_calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -102,6 +107,9 @@ class UlyssesFunctionMode(TorchFunctionMode):
             self.attention_calls += 1
             if self.local_attention_only:
                 return func(*args, **kwargs)
+            if self.documents is not None:
+                self.document_calls += 1
+                options["documents"] = self.documents
             return ulysses_attention(q, k, v, self.sp_group, seq_len=self.seq_len, kernel=self.kernel, **options)
         if func is F.cross_entropy and self.loss_group is not None:
             logits, target, ignore_index, label_smoothing, plain_mean = _cross_entropy_arguments(*args, **kwargs)
