@@ -1,4 +1,4 @@
-"""Command line: ``ulysses-dtensor train`` and ``ulysses-dtensor demo`` (also ``python -m ulysses_dtensor``)."""
+"""Command line: ``ulysses-dtensor train``, ``ulysses-dtensor demo`` and ``ulysses-dtensor plan`` (also ``python -m ulysses_dtensor``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from dataclasses import fields
 
 from .demo import DemoConfig, run_demo
+from .planner import PlanConfig, run_plan
 from .train import TrainConfig, run_train
 
 
@@ -34,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Train on the embedded long-context retrieval task (default) or a local text.",
     )
     _add_dataclass_args(train, TrainConfig)
+    plan = sub.add_parser(
+        "plan", help="memory and communication per GPU of a Ulysses × FSDP2 step; the best (dp, sp) layout",
+        description="Analytic planner: memory per GPU (FSDP2 state, activations, attention workspace, loss), "
+        "communication per step, the best (dp, sp) layout and the longest sequence that fits. "
+        "Example: ulysses-dtensor plan --model llama3-8b --seq-len 1M --gpus 32 --gpu-mem-gib 80",
+    )
+    _add_dataclass_args(plan, PlanConfig)
     args = parser.parse_args(argv)
     if args.command == "train":
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
@@ -43,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.dtype not in ("float64", "float32"):
             parser.error("--dtype must be float64 or float32")
         return 0 if run_demo(cfg) else 1
+    if args.command == "plan":
+        return run_plan(PlanConfig(**{f.name: getattr(args, f.name) for f in fields(PlanConfig)}))
     return 2
 
 

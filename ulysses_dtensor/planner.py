@@ -1,0 +1,606 @@
+"""``ulysses-dtensor plan``: memory and communication per GPU of a Ulysses × FSDP2 training step.
+
+A small analytic model of *this* package's training step (``parallelize_module`` on the Llama of
+``llama.py``, AdamW, one FSDP2 unit per block plus the root), per GPU of a (dp, sp) mesh with
+``B`` sequences of ``N`` tokens per data-parallel replica, ``T = B·N/sp`` tokens per GPU:
+
+* **model state**, FSDP2 over all dp × sp GPUs: dim 0 of every parameter is cut like
+  ``torch.chunk``, so a GPU holds ~``params / (dp·sp)`` of the parameters, gradients and both
+  Adam moments (16 bytes per parameter in both precisions, see :class:`Precision`);
+* **FSDP root unit** (embedding, final norm, output) gathered in full for the whole forward and
+  backward (it runs first and last);
+* **activations** kept for backward: per layer the ``T`` tokens' tensors in the sequence layout
+  (norms, MLP, the attention output after the exchange back) and the attention's tensors in the
+  head layout (q, k, v and output of ``H/sp`` query heads and the kv heads they read, over all
+  ``B·N`` tokens, plus the fp32 logsumexp) — what a flash-style kernel saves, nothing O(N²).
+  Activation checkpointing keeps only the block inputs (``full``) or the block inputs and the
+  attention tensors (``selective``: neither the attention kernel nor the all-to-all is re-run);
+* **logits** of the ``T`` tokens (held by the training loop);
+* **backward peak**, the larger of two moments: the loss backward (fp32 log-probabilities saved
+  by the cross-entropy and the fp32 gradients of log-probs and logits) and a block backward (the
+  recomputed layer, the **attention workspace** — head-layout dO, dq, dk, dv, the flash kernel's
+  fp32 dq accumulator, the exchange's buffers — and the block's gradients); both with two blocks
+  gathered (the current one and the prefetched one) and the output layer's gradient;
+* **communication**, counted as :class:`~ulysses_dtensor.comm_counter.CollectiveCounter` counts
+  it: the Ulysses all-to-alls of :class:`~ulysses_dtensor.layout.UlyssesLayout` (forward,
+  backward, and the forward again when full checkpointing recomputes it), FSDP's all-gather in
+  forward and again in backward (``reshard_after_forward``), its reduce-scatter, and the two
+  scalar all-reduces of the global token-weighted loss.
+
+Saved-tensor bytes, FSDP shard bytes and collective bytes are exact for our eager CPU step
+(``tests/test_planner.py``); the peak is a bound (10-15 % above the tracked CPU peak). What a GPU
+run adds on top (CUDA context, NCCL buffers, allocator fragmentation) is the ``reserve``.
+Details and validation figures: docs/performance.md, "Planner".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+
+from .layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
+from .llama import FLAVORS, LlamaConfig, llama_config
+
+GIB = 2**30
+AC_MODES = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of each kind of tensor.
+
+    ``bf16`` is FSDP2 with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (the
+    torchtitan default): sharded parameters are the fp32 master weights, sharded gradients fp32,
+    Adam's two moments fp32 — 16 bytes per parameter, the same as the classic "bf16 weights and
+    gradients + fp32 master + Adam" count; FSDP gathers bf16 copies and reduce-scatters in fp32,
+    activations are bf16 (RMSNorm and RoPE compute in fp32, as in ``llama.py``).
+    ``float32`` is everything in fp32 (the CPU train job and tests).
+    """
+
+    name: str
+    compute: int  # activations, unsharded (gathered) parameters and their gradients
+    master: int  # sharded parameters
+    grad: int  # sharded gradients
+    optim: int  # Adam exp_avg + exp_avg_sq per parameter
+    gather: int  # all-gather element (param_dtype)
+    reduce: int  # reduce-scatter element (reduce_dtype)
+
+
+PRECISIONS = {
+    "bf16": Precision("bf16", compute=2, master=4, grad=4, optim=8, gather=2, reduce=4),
+    "float32": Precision("float32", compute=4, master=4, grad=4, optim=8, gather=4, reduce=4),
+}
+_DTYPE_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "float32": "float32", "fp32": "float32", "f32": "float32"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing of user inputs
+
+
+def parse_model(name: str, vocab_size: int = 0) -> tuple[str, LlamaConfig]:
+    """``"llama3-8b"``, ``"Llama-3.1-8B"``, ``"8b"``, ``"tiny"`` → (display name, config)."""
+    flavor = re.sub(r"^(meta-)?llama-?3(\.\d)?[-_]?", "", name.strip().lower())
+    if flavor not in FLAVORS:
+        raise ValueError(
+            f"unknown model {name!r}: choose one of {', '.join(FLAVORS)} (also as llama3-<name>, e.g. llama3-8b)"
+        )
+    display = f"llama3-{flavor}" if flavor[0].isdigit() else flavor
+    return display, llama_config(flavor, **({"vocab_size": vocab_size} if vocab_size else {}))
+
+
+def parse_length(text: str | int) -> int:
+    """``"1M"`` = 2**20, ``"128K"`` = 131072 (binary, as context lengths are quoted), ``"8192"``."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", str(text))
+        if not m:
+            raise ValueError(f"sequence length {text!r}: expected a number with an optional K/M/G suffix (1M = 2^20)")
+        value = float(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[m.group(2).lower()]
+        if value != int(value):
+            raise ValueError(f"sequence length {text!r} is not a whole number of tokens")
+        value = int(value)
+    if value < 1:
+        raise ValueError(f"sequence length must be >= 1, got {value}")
+    return value
+
+
+def parse_precision(dtype: str) -> Precision:
+    key = _DTYPE_ALIASES.get(dtype.lower())
+    if key is None:
+        raise ValueError(f"--dtype {dtype!r}: choose bf16 or float32")
+    return PRECISIONS[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model state under FSDP2
+
+
+def fsdp_units(cfg: LlamaConfig) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """Parameter shapes of one block (one FSDP unit each) and of the root unit, as in llama.py."""
+    d, hd, f = cfg.dim, cfg.head_dim, cfg.hidden_dim
+    block = [
+        (cfg.n_heads * hd, d), (cfg.n_kv_heads * hd, d), (cfg.n_kv_heads * hd, d), (d, cfg.n_heads * hd),  # wq wk wv wo
+        (f, d), (f, d), (d, f),  # w1 w3 w2
+        (d,), (d,),  # attention_norm, ffn_norm
+    ]
+    root = [(cfg.vocab_size, d), (d,), (cfg.vocab_size, d)]  # tok_embeddings, norm, output
+    return block, root
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def shard_numel(shapes: list[tuple[int, ...]], world: int, rank: int = 0) -> int:
+    """Elements of ``rank``'s FSDP2 shard of these parameters: dim 0 cut like ``torch.chunk``
+    into ``ceil(rows / W)``-row pieces (the last ranks get fewer rows, rank 0 the most; FSDP2 pads
+    every rank's storage and its collectives to rank 0's size)."""
+    return sum(max(0, min(-(-s[0] // world), s[0] - rank * -(-s[0] // world))) * _numel(s[1:]) for s in shapes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations (bytes) of one rank
+
+
+def _norm_bytes(tokens: int, d: int, a: int) -> int:
+    """RMSNorm (torch's composite, fp32 math): input (or its fp32 copy), rsqrt, fp32 x·rsqrt,
+    and the normalized output in the compute dtype (the next matmul's input)."""
+    return tokens * (4 * d + 4 + 4 * d + a * d)
+
+
+@dataclass(frozen=True)
+class _RankShape:
+    tokens: int  # B·N_r: tokens this rank holds in the sequence layout
+    positions: int  # N_r
+    head_tokens: int  # B·N: tokens of the head layout
+    q_heads: int
+    kv_heads: int  # kv heads received
+    kv_kernel_heads: int  # kv heads the local kernel holds (= q_heads if they had to be expanded)
+
+
+def _kernel_kv_heads(q: tuple[int, int], kv: tuple[int, int], group: int) -> int:
+    """kv heads the local kernel gets, as ``attention._match_kv_heads`` decides: the received ones
+    when the query heads read them uniformly (native GQA), else one expanded copy per query head."""
+    n_q, n_kv = q[1] - q[0], kv[1] - kv[0]
+    wanted = [h // group - kv[0] for h in range(*q)]
+    if n_q == 0 or wanted == list(range(n_q)):
+        return n_kv
+    if n_q % n_kv == 0 and wanted == [j // (n_q // n_kv) for j in range(n_q)]:
+        return n_kv
+    return n_q
+
+
+def _rank_shapes(cfg: LlamaConfig, seq_len: int, sp: int, batch: int) -> list[_RankShape]:
+    sizes = seq_shard_sizes(seq_len, sp)
+    q = head_ranges(cfg.n_heads, sp)
+    kv = kv_head_ranges(q, cfg.n_heads, cfg.n_kv_heads)
+    group = cfg.n_heads // cfg.n_kv_heads
+    return [
+        _RankShape(batch * n, n, batch * seq_len, qr[1] - qr[0], kr[1] - kr[0], _kernel_kv_heads(qr, kr, group))
+        for n, qr, kr in zip(sizes, q, kv)
+    ]
+
+
+def layer_activation_bytes(cfg: LlamaConfig, r: _RankShape, sp: int, a: int) -> dict[str, int]:
+    """Bytes one transformer block keeps for backward on one rank (no checkpointing), by part."""
+    d, hd, t = cfg.dim, cfg.head_dim, r.tokens
+    return {
+        "norms": 2 * _norm_bytes(t, d, a),  # attention_norm (its input: the block input), ffn_norm
+        # RoPE rotates in fp32: with a non-fp32 model the (cos, sin) table of this rank's positions
+        # is upcast per call and saved, for q and for k
+        "rope": 0 if a == 4 else 2 * r.positions * hd * 4,
+        # head layout: q, k, v and the output of this rank's heads over all tokens, fp32 logsumexp
+        "attention_heads": r.head_tokens * ((2 * r.q_heads + 2 * r.kv_kernel_heads) * hd * a + r.q_heads * 4),
+        # sequence layout: the attention output after the exchange back (wo's input); with sp = 1
+        # it is a view of the kernel's output
+        "attention_seq": t * cfg.n_heads * hd * a if sp > 1 else 0,
+        "mlp": t * 4 * cfg.hidden_dim * a,  # w1 and w3 outputs, silu(w1), their product
+    }
+
+
+def _kept_per_layer(parts: dict[str, int], ac: str, tokens: int, d: int, a: int) -> int:
+    if ac == "none":
+        return sum(parts.values())
+    checkpoint_input = tokens * d * a  # the checkpointed block's input
+    if ac == "full":
+        return checkpoint_input
+    # selective: keep the attention (no recomputed all-to-all, no recomputed attention kernel),
+    # recompute norms, projections and the MLP
+    return checkpoint_input + parts["attention_heads"] + parts["attention_seq"]
+
+
+def attention_workspace_bytes(cfg: LlamaConfig, r: _RankShape, a: int) -> int:
+    """Transient bytes of one attention backward on one rank (flash-style kernel, no N² buffer):
+    dO, dq, dk, dv in the head layout, the fp32 dq accumulator and per-row delta of the kernel,
+    and the packed all-to-all buffers sending dq/dk/dv back and receiving this rank's tokens."""
+    hd, n = cfg.head_dim, r.head_tokens
+    head_grads = n * (2 * r.q_heads + 2 * r.kv_kernel_heads) * hd * a
+    kernel = n * r.q_heads * (hd * 4 + 4)
+    exchange = n * (r.q_heads + 2 * r.kv_heads) * hd * a + r.tokens * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd * a
+    return head_grads + kernel + exchange
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate of one layout
+
+
+@dataclass
+class Estimate:
+    """Memory (bytes, the GPU with the largest peak) and communication (bytes sent per step by
+    each GPU of a data-parallel replica, and their maximum) of one (dp, sp) layout."""
+
+    model: str
+    seq_len: int
+    dp: int
+    sp: int
+    batch: int  # sequences per data-parallel replica per step
+    ac: str
+    precision: str
+    memory: dict[str, int]
+    memory_detail: dict[str, int]
+    comm: dict[str, int]
+    sent_per_sp_rank: list[int]  # total bytes sent per step, indexed by sp rank
+    all_to_all_per_sp_rank: list[int]
+    saved_for_backward_per_sp_rank: list[int]  # activations + log-probs kept after the forward
+
+    @property
+    def peak(self) -> int:
+        return self.memory["total"]
+
+    def fits(self, budget: int) -> bool:
+        return self.peak <= budget
+
+
+def estimate(
+    cfg: LlamaConfig, seq_len: int, dp: int, sp: int, *, ac: str = "full", precision: str | Precision = "bf16",
+    batch: int = 1, model: str = "",
+) -> Estimate:
+    """Memory and communication per GPU of one training step on a (dp, sp) mesh.
+
+    ``batch`` sequences of ``seq_len`` tokens per data-parallel replica (each split over sp GPUs).
+    """
+    if ac not in AC_MODES:
+        raise ValueError(f"activation checkpointing {ac!r}: choose one of {', '.join(AC_MODES)}")
+    p = precision if isinstance(precision, Precision) else parse_precision(precision)
+    if dp < 1 or sp < 1 or batch < 1:
+        raise ValueError(f"dp, sp and batch must be >= 1, got dp={dp}, sp={sp}, batch={batch}")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ValueError(f"n_heads={cfg.n_heads} must be a multiple of n_kv_heads={cfg.n_kv_heads}")
+    world, a, d, L, V = dp * sp, p.compute, cfg.dim, cfg.n_layers, cfg.vocab_size
+
+    # model state (sharded) and the FSDP units gathered in full
+    block, root = fsdp_units(cfg)
+    shard = L * shard_numel(block, world) + shard_numel(root, world)
+    block_full, root_full = sum(map(_numel, block)), sum(map(_numel, root))
+    out_grad = V * d * a  # the output layer's unsharded weight gradient, from the loss backward on
+    blocks_gathered = 2 * block_full * a  # the block being computed and the one prefetched
+
+    layout = UlyssesLayout.build(batch, cfg.n_heads, cfg.n_kv_heads, seq_len, cfg.head_dim, sp)
+    best, ranks = None, []
+    for i, r in enumerate(_rank_shapes(cfg, seq_len, sp, batch)):
+        parts = layer_activation_bytes(cfg, r, sp, a)
+        kept = _kept_per_layer(parts, ac, r.tokens, d, a)
+        remat = 0 if ac == "none" else sum(parts.values()) - kept + r.tokens * d * a
+        # token ids and targets (int64; with batch 1 the rank's slice is a view keeping the replica's
+        # whole sequence alive) and the final norm
+        ids = 8 * (batch * seq_len if batch == 1 else r.tokens)
+        outer = 2 * ids + _norm_bytes(r.tokens, d, a)
+        activations = L * kept + outer
+        log_probs = r.tokens * V * 4
+        workspace = attention_workspace_bytes(cfg, r, a)
+        # the two candidate peaks of a step, on top of what is held throughout
+        loss_moment = log_probs + r.tokens * V * 8 + out_grad + blocks_gathered  # + fp32 grads of log-probs, logits
+        block_moment = out_grad + blocks_gathered + block_full * (a + p.reduce) + remat + workspace
+        memory = {
+            "parameters": shard * p.master,
+            "gradients": shard * p.grad,
+            "optimizer": shard * p.optim,
+            "fsdp_root_unsharded": root_full * a,  # gathered for the whole forward and backward
+            "activations": activations,
+            "logits": r.tokens * V * a,  # held by the training loop
+            "backward_peak": max(loss_moment, block_moment),
+        }
+        memory["total"] = sum(memory.values())
+        detail = {
+            "activations_per_layer": kept,
+            "activations_per_layer_no_ac": sum(parts.values()),
+            **{f"layer_{k}": v for k, v in parts.items()},
+            "log_probs": log_probs,
+            "loss_backward_moment": loss_moment,
+            "block_backward_moment": block_moment,
+            "recomputed_layer": remat,
+            "attention_workspace": workspace,
+            "fsdp_blocks_gathered": blocks_gathered,
+            "model_state": shard * (p.master + p.grad + p.optim),
+            "params_shard": shard,
+        }
+        a2a_fwd = L * a * layout.forward_elements_sent(i)
+        a2a_bwd = L * a * layout.backward_elements_sent(i)
+        a2a_recompute = a2a_fwd if ac == "full" else 0
+        # every rank's collectives move rank 0's (padded) shard size
+        gather = 2 * shard * p.gather * (world - 1)  # forward, and backward after reshard_after_forward
+        reduce = shard * p.reduce * (world - 1)
+        loss = 2 * (2 * 4 * (world - 1) // world)  # global count and global mean: fp32 scalars
+        comm = {
+            "all_to_all_forward": a2a_fwd,
+            "all_to_all_backward": a2a_bwd,
+            "all_to_all_recompute": a2a_recompute,
+            "fsdp_all_gather": gather,
+            "fsdp_reduce_scatter": reduce,
+            "loss_all_reduce": loss,
+        }
+        comm["total"] = sum(comm.values())
+        ranks.append((memory, detail, comm, activations + log_probs))
+        if best is None or memory["total"] > best[0]["total"]:
+            best = (memory, detail)
+    comm_max = {k: max(c[2][k] for c in ranks) for k in ranks[0][2]}
+    return Estimate(
+        model=model or f"custom({cfg.dim}x{L})", seq_len=seq_len, dp=dp, sp=sp, batch=batch, ac=ac,
+        precision=p.name, memory=best[0], memory_detail=best[1], comm=comm_max,
+        sent_per_sp_rank=[c[2]["total"] for c in ranks],
+        all_to_all_per_sp_rank=[sum(v for k, v in c[2].items() if k.startswith("all_to_all")) for c in ranks],
+        saved_for_backward_per_sp_rank=[c[3] for c in ranks],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the layout
+
+
+class PlanError(ValueError):
+    """No layout satisfies the request; the message says what would."""
+
+
+def candidate_sps(cfg: LlamaConfig, gpus: int, seq_len: int) -> list[int]:
+    """sp values the mesh allows: divisors of gpus, at most the query heads (Ulysses splits heads;
+    GQA kv heads are exchanged minimally, so H_kv < sp is fine) and at most the sequence length."""
+    return [s for s in range(1, gpus + 1) if gpus % s == 0 and s <= cfg.n_heads and s <= seq_len]
+
+
+def longest_sequence(cfg: LlamaConfig, dp: int, sp: int, budget: int, **kw) -> int:
+    """The longest global sequence (a multiple of sp) whose step fits ``budget`` bytes; 0 if none."""
+    fits = lambda n: estimate(cfg, n, dp, sp, **kw).fits(budget)  # noqa: E731
+    if not fits(sp):
+        return 0
+    lo, hi = 1, 2  # in units of sp tokens: lo fits, hi unknown
+    while fits(hi * sp):
+        lo, hi = hi, hi * 2
+        if hi > 2**40:
+            return lo * sp
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * sp) else (lo, mid)
+    return lo * sp
+
+
+@dataclass
+class Plan:
+    """The chosen layout, its estimate, the longest sequence it fits and every candidate."""
+
+    model: str
+    config: LlamaConfig
+    gpus: int
+    gpu_mem_gib: float
+    reserve_gib: float
+    budget: int
+    chosen: Estimate
+    longest_seq_len: int
+    candidates: list[Estimate] = field(default_factory=list)
+    candidate_longest: dict[int, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model, "config": asdict(self.config), "params": self.config.num_params(),
+            "gpus": self.gpus, "gpu_mem_gib": self.gpu_mem_gib, "reserve_gib": self.reserve_gib,
+            "budget_bytes": self.budget,
+            "layout": {"dp": self.chosen.dp, "sp": self.chosen.sp},
+            "estimate": _estimate_json(self.chosen),
+            "longest_seq_len": self.longest_seq_len,
+            "candidates": [
+                _estimate_json(c)
+                | {"fits": c.fits(self.budget), "longest_seq_len": self.candidate_longest.get(c.sp, 0)}
+                for c in self.candidates
+            ],
+        }
+
+
+def _estimate_json(e: Estimate) -> dict:
+    out = asdict(e)
+    out["peak_bytes"] = e.peak
+    return out
+
+
+def plan(
+    model: str, seq_len: str | int, gpus: int, gpu_mem_gib: float, *, dp: int = 0, sp: int = 0, ac: str = "full",
+    dtype: str = "bf16", batch: int = 1, reserve_gib: float = 2.0, vocab_size: int = 0,
+) -> Plan:
+    """The best (dp, sp) layout for ``model`` at ``seq_len`` on ``gpus`` GPUs of ``gpu_mem_gib``:
+    the smallest sp whose step fits (so the most dp), and the longest sequence that layout fits.
+    ``dp``/``sp`` (0 = free) pin the layout. Raises :class:`PlanError` naming what would fit."""
+    name, cfg = parse_model(model, vocab_size)
+    n = parse_length(seq_len)
+    precision = parse_precision(dtype)
+    if ac not in AC_MODES:
+        raise ValueError(f"--activation-checkpointing {ac!r}: choose one of {', '.join(AC_MODES)}")
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    if gpu_mem_gib <= reserve_gib:
+        raise ValueError(f"--gpu-mem-gib {gpu_mem_gib} leaves nothing after the {reserve_gib} GiB reserve")
+    if dp < 0 or sp < 0:
+        raise ValueError(f"--dp and --sp must be >= 1 (or 0: chosen by the planner), got dp={dp}, sp={sp}")
+    if dp and gpus % dp:
+        raise ValueError(f"--dp {dp} does not divide --gpus {gpus}")
+    if sp and gpus % sp:
+        raise ValueError(f"--sp {sp} does not divide --gpus {gpus}")
+    if dp and sp and dp * sp != gpus:
+        raise ValueError(f"--dp {dp} × --sp {sp} = {dp * sp} GPUs, but --gpus is {gpus}")
+    sps = candidate_sps(cfg, gpus, n)
+    if sp or dp:
+        wanted = sp or gpus // dp
+        if wanted > cfg.n_heads:
+            raise ValueError(
+                f"sp={wanted} exceeds the {cfg.n_heads} query heads of {name}: Ulysses splits heads over sp "
+                f"(use sp <= {cfg.n_heads}; sp > heads needs the hybrid Ulysses × ring of a later issue)"
+            )
+        if wanted > n:
+            raise ValueError(f"sp={wanted} exceeds the sequence length {n}")
+        sps = [wanted]
+    if not sps:
+        raise ValueError(f"no sp divides --gpus {gpus} within the {cfg.n_heads} heads and {n} tokens")
+    budget = int((gpu_mem_gib - reserve_gib) * GIB)
+    kw = dict(ac=ac, precision=precision, batch=batch, model=name)
+    candidates = [estimate(cfg, n, gpus // s, s, **kw) for s in sps]
+    fitting = [c for c in candidates if c.fits(budget)]
+    if not fitting:
+        raise PlanError(_nothing_fits(cfg, name, n, gpus, gpu_mem_gib, reserve_gib, budget, candidates, kw))
+    chosen = fitting[0]
+    longest = {c.sp: longest_sequence(cfg, c.dp, c.sp, budget, ac=ac, precision=precision, batch=batch)
+               for c in candidates}
+    return Plan(name, cfg, gpus, gpu_mem_gib, reserve_gib, budget, chosen, longest[chosen.sp],
+                candidates, longest)
+
+
+def _nothing_fits(cfg, name, n, gpus, gpu_mem_gib, reserve_gib, budget, candidates, kw) -> str:
+    smallest = min(candidates, key=lambda c: c.peak)
+    lines = [
+        f"nothing fits: {name} at {n:,} tokens on {gpus} GPUs × {gpu_mem_gib:g} GiB "
+        f"({(budget) / GIB:.1f} GiB usable after the {reserve_gib:g} GiB reserve); the smallest peak is "
+        f"{smallest.peak / GIB:.1f} GiB at dp={smallest.dp} × sp={smallest.sp} "
+        f"(activation checkpointing {kw['ac']}). What would fit:",
+        f"  - GPUs with >= {smallest.peak / GIB + reserve_gib:.1f} GiB",
+    ]
+    longest = longest_sequence(cfg, smallest.dp, smallest.sp, budget, ac=kw["ac"], precision=kw["precision"],
+                               batch=kw["batch"])
+    if longest:
+        lines.append(f"  - a sequence of at most {longest:,} tokens at dp={smallest.dp} × sp={smallest.sp}")
+    for other in AC_MODES:
+        if other != kw["ac"]:
+            alt = estimate(cfg, n, smallest.dp, smallest.sp, **(kw | {"ac": other}))
+            if alt.fits(budget):
+                lines.append(f"  - --activation-checkpointing {other} ({alt.peak / GIB:.1f} GiB at sp={smallest.sp})")
+    max_sp = max(s for s in range(1, cfg.n_heads + 1) if s <= n)
+    if smallest.sp < max_sp:
+        for g in (gpus * 2**k for k in range(1, 8)):
+            sps = candidate_sps(cfg, g, n)
+            est = [estimate(cfg, n, g // s, s, **kw) for s in sps]
+            ok = [e for e in est if e.fits(budget)]
+            if ok:
+                lines.append(f"  - {g} GPUs (dp={ok[0].dp} × sp={ok[0].sp})")
+                break
+    if smallest.sp == cfg.n_heads:
+        lines.append(f"  (sp is capped at the {cfg.n_heads} query heads: longer sequences need sp > heads)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PlanConfig:
+    """Options of ``ulysses-dtensor plan`` (each is a ``--flag``)."""
+
+    model: str = _opt("llama3-8b", f"model: {', '.join(FLAVORS)} (also llama3-8b etc.)")
+    seq_len: str = _opt("128K", "global sequence length, e.g. 1M (2^20), 128K, 8192")
+    gpus: int = _opt(8, "number of GPUs (dp × sp)")
+    gpu_mem_gib: float = _opt(80.0, "memory per GPU in GiB")
+    dp: int = _opt(0, "data-parallel degree (0: chosen)")
+    sp: int = _opt(0, "sequence-parallel degree (0: the smallest that fits)")
+    activation_checkpointing: str = _opt(
+        "full", "none, selective (keep attention, recompute the rest) or full (per block)")
+    dtype: str = _opt("bf16", "bf16 (FSDP2 bf16 params/compute, fp32 master, grads and Adam) or float32")
+    batch: int = _opt(1, "sequences per data-parallel replica per step")
+    reserve_gib: float = _opt(2.0, "memory per GPU not available to tensors (CUDA context, NCCL, fragmentation)")
+    vocab_size: int = _opt(0, "override the model's vocabulary size (0: the flavor's)")
+    json: bool = _opt(False, "print the plan as JSON")
+
+
+def run_plan(cfg: PlanConfig, out=None) -> int:
+    """Print the plan (table or JSON); exit code 0, or 2 with the reason on stderr."""
+    out = out or sys.stdout
+    try:
+        result = plan(cfg.model, cfg.seq_len, cfg.gpus, cfg.gpu_mem_gib, dp=cfg.dp, sp=cfg.sp,
+                      ac=cfg.activation_checkpointing, dtype=cfg.dtype, batch=cfg.batch,
+                      reserve_gib=cfg.reserve_gib, vocab_size=cfg.vocab_size)
+    except ValueError as exc:
+        print(f"ulysses-dtensor plan: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_json(), indent=2) if cfg.json else format_plan(result), file=out)
+    return 0
+
+
+def _tokens(n: int) -> str:
+    for unit, size in (("M", 2**20), ("K", 2**10)):
+        if n >= size:
+            return f"{n / size:.4g}{unit}"
+    return str(n)
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as a text table (what ``ulysses-dtensor plan`` prints)."""
+    e, cfg = p.chosen, p.config
+    m, d, c = e.memory, e.memory_detail, e.comm
+    width = 52
+
+    def row(label: str, value: int, note: str = "") -> str:
+        return f"  {label:<{width}}{value / GIB:9.2f}{note}"
+
+    precision = "bf16 compute, fp32 master/grads/Adam" if e.precision == "bf16" else "float32"
+    rank_tokens = e.batch * -(-e.seq_len // e.sp)
+    fits = "fits" if e.fits(p.budget) else "DOES NOT FIT"
+    lines = [
+        f"plan: {p.model} ({cfg.num_params() / 1e9:.2f} B params, {cfg.n_layers} layers, {cfg.n_heads} heads / "
+        f"{cfg.n_kv_heads} kv of {cfg.head_dim}), {e.batch} × {e.seq_len:,} tokens per replica, "
+        f"{p.gpus} GPUs × {p.gpu_mem_gib:g} GiB, {precision}, activation checkpointing {e.ac}",
+        f"layout: dp={e.dp} × sp={e.sp}  (the smallest sp that fits, then the most dp; sp <= {cfg.n_heads} heads)",
+        f"per GPU: {rank_tokens:,} tokens in the sequence layout; {-(-cfg.n_heads // e.sp)} query head(s) × "
+        f"{e.batch * e.seq_len:,} tokens in the head layout",
+        "",
+        f"  {'memory per GPU':<{width}}      GiB",
+        row(f"parameters (fp32 shard: 1/{e.dp * e.sp})", m["parameters"]),
+        row("gradients (fp32 shard)", m["gradients"]),
+        row("optimizer: Adam m, v (fp32 shard)", m["optimizer"]),
+        row("FSDP root unit gathered (embedding, norm, output)", m["fsdp_root_unsharded"]),
+        row(f"activations kept ({cfg.n_layers} layers × {d['activations_per_layer'] / GIB:.3f} + outside)",
+            m["activations"]),
+        row(f"logits ({rank_tokens:,} tokens × {cfg.vocab_size:,})", m["logits"]),
+        row("backward peak: the larger of", m["backward_peak"]),
+        row("  loss backward: log-probs, fp32 grads, FSDP blocks", d["loss_backward_moment"]),
+        row(f"  block backward: layer {d['recomputed_layer'] / GIB:.2f} + attention "
+            f"{d['attention_workspace'] / GIB:.2f} + FSDP", d["block_backward_moment"]),
+        row("total (peak)", m["total"], f"   {fits} in {p.budget / GIB:.1f} GiB ({p.gpu_mem_gib:g} - "
+            f"{p.reserve_gib:g} reserved)"),
+        "",
+        f"  {'communication per step per GPU (bytes sent)':<{width}}      GiB",
+        row("Ulysses all-to-all, forward", c["all_to_all_forward"]),
+        row("Ulysses all-to-all, backward", c["all_to_all_backward"]),
+        row("Ulysses all-to-all, recomputed forward (full AC)", c["all_to_all_recompute"]),
+        row("FSDP all-gather (forward + backward re-gather)", c["fsdp_all_gather"]),
+        row("FSDP reduce-scatter", c["fsdp_reduce_scatter"]),
+        row("total", c["total"]),
+        "",
+        f"longest sequence that fits at dp={e.dp} × sp={e.sp}: {p.longest_seq_len:,} tokens "
+        f"({_tokens(p.longest_seq_len)})",
+        "",
+        "  dp × sp   peak GiB  fits   all-to-all GiB   FSDP GiB   longest sequence",
+    ]
+    for x in p.candidates:
+        fsdp = x.comm["fsdp_all_gather"] + x.comm["fsdp_reduce_scatter"]
+        a2a = x.comm["all_to_all_forward"] + x.comm["all_to_all_backward"] + x.comm["all_to_all_recompute"]
+        longest = p.candidate_longest.get(x.sp, 0)
+        lines.append(
+            f"  {x.dp:>3} × {x.sp:<3} {x.peak / GIB:9.2f}  {'yes' if x.fits(p.budget) else 'no':<5}"
+            f"{a2a / GIB:15.2f} {fsdp / GIB:10.2f}   {longest:,} ({_tokens(longest)})"
+            + ("   <- chosen" if x is e else "")
+        )
+    return "\n".join(lines)
