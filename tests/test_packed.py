@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import TOL, rel_err, seq_slice
+from test_attention import _rank_attention
 from ulysses_dtensor import CollectiveCounter, Documents, UlyssesLayout, ulysses_attention
 from ulysses_dtensor.kernels import flash_attn_available
 from ulysses_dtensor.layout import seq_shard_offsets, seq_shard_sizes
@@ -68,15 +69,8 @@ def crossing_shards(lengths: list[int], N: int, P: int) -> int:
 
 def _rank_documents(ctx, q, k, v, grad_out, documents, kwargs, chunk_tokens, as_object):
     """On each rank: its shard, forward and backward with documents; the collectives counted."""
-    ql, kl, vl = (seq_slice(t, ctx.rank, ctx.world).clone().requires_grad_() for t in (q, k, v))
     docs = Documents(documents, chunk_tokens=chunk_tokens) if as_object else documents
-    with CollectiveCounter() as counter:
-        out = ulysses_attention(ql, kl, vl, ctx.group, seq_len=q.shape[2], documents=docs, **kwargs)
-        forward = (dict(counter.counts()), counter.bytes_sent())
-        counter.reset()
-        out.backward(seq_slice(grad_out, ctx.rank, ctx.world))
-        backward = (dict(counter.counts()), counter.bytes_sent())
-    return out.detach(), ql.grad, kl.grad, vl.grad, forward, backward
+    return _rank_attention(ctx, q, k, v, grad_out, dict(kwargs, documents=docs))
 
 
 @st.composite
