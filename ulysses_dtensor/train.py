@@ -9,6 +9,7 @@ also on another (dp, sp) layout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -190,7 +191,7 @@ def train_rank(cfg: TrainConfig) -> dict:
         tokens, targets = tokens[rows].to(device), targets[rows].to(device)
         count = cfg.log_every and (step % cfg.log_every == 0 or step == stop - 1)
         t0 = time.perf_counter()
-        with CollectiveCounter() if count else _nothing() as counter:
+        with CollectiveCounter() if count else contextlib.nullcontext() as counter:
             logits, loss = model(tokens, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -306,14 +307,6 @@ def _peak_memory_mib(device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _banner(cfg: TrainConfig, model_cfg, phases: list[Phase], world: int, start: int) -> str:
