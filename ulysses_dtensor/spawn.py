@@ -89,7 +89,12 @@ def _forward_stop_signals(procs) -> Callable[[], None]:
                     os.kill(p.pid, signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()] and None
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 300.0,
@@ -110,14 +115,14 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
         p.start()
     restore = _forward_stop_signals(procs)
     replies: dict[int, tuple[str, Any]] = {}
-    first_failure = None
+    first_failure = first_rank = None
     try:
         while len(replies) < world:
             try:
                 rank, status, payload = results.get(timeout=0.5)
                 replies[rank] = (status, payload)
                 if status == "error" and first_failure is None:
-                    first_failure = time.monotonic()
+                    first_failure, first_rank = time.monotonic(), rank
             except Exception:  # queue.Empty
                 pass
             for r, p in enumerate(procs):
@@ -127,7 +132,8 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
                     if r not in replies and results.empty():
                         replies[r] = ("error", f"process exited with code {p.exitcode} (signal {-p.exitcode})"
                                       if p.exitcode < 0 else f"process exited with code {p.exitcode}")
-                        first_failure = first_failure or time.monotonic()
+                        if first_failure is None:
+                            first_failure, first_rank = time.monotonic(), r
             if first_failure is not None and time.monotonic() - first_failure > grace_s:
                 break
     finally:
@@ -141,11 +147,11 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
                 p.kill()
     errors = {r: payload for r, (status, payload) in replies.items() if status == "error"}
     if errors or len(replies) < world:
-        first = min(errors) if errors else None
-        lines = [f"rank {r} failed: {text}" for r, text in sorted(errors.items())]
+        # the rank that failed first is the cause; the others usually fail because of it
+        lines = [f"rank {r} failed: {text}" for r, text in sorted(errors.items(), key=lambda e: (e[0] != first_rank, e[0]))]
         missing = sorted(set(range(world)) - set(replies))
         if missing:
             lines.append(f"ranks {missing} were stopped after the failure")
-        raise RankFailure(f"{len(errors)} of {world} ranks failed (first: rank {first})\n" + "\n".join(lines),
+        raise RankFailure(f"{len(errors)} of {world} ranks failed (first: rank {first_rank})\n" + "\n".join(lines),
                           {r: ("error", t) for r, t in errors.items()})
     return replies[0][1]
