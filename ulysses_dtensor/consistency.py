@@ -29,17 +29,25 @@ def _describe(model: nn.Module) -> tuple[str, tuple[float, ...] | None]:
     return spec.hexdigest(), tuple(sums) if sums is not None else None
 
 
+def _gather(obj, group: dist.ProcessGroup) -> tuple[list, list[int]]:
+    """Every rank's ``obj`` (one all_gather_object) and their global ranks, in group order."""
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, obj, group=group)
+    return every, dist.get_process_group_ranks(group)
+
+
+def _differ_from_first(values: list, ranks: list[int]) -> list[int]:
+    """The global ranks whose value differs from the first rank's."""
+    return [rank for rank, value in zip(ranks, values) if value != values[0]]
+
+
 def check_same_model(model: nn.Module, group: dist.ProcessGroup) -> None:
     """Raise on every rank unless all ranks of ``group`` hold the same parameters (names, shapes,
     dtypes, and values where they are materialized). One all_gather_object."""
-    world = dist.get_world_size(group)
-    if world == 1:
+    if dist.get_world_size(group) == 1:
         return
-    mine = _describe(model)
-    every: list = [None] * world
-    dist.all_gather_object(every, mine, group=group)
-    ranks = dist.get_process_group_ranks(group)
-    spec_differs = [ranks[i] for i, (spec, _) in enumerate(every) if spec != every[0][0]]
+    every, ranks = _gather(_describe(model), group)
+    spec_differs = _differ_from_first([spec for spec, _ in every], ranks)
     if spec_differs:
         raise ValueError(
             f"parallelize_module: the model differs across ranks: global ranks {spec_differs} have other "
@@ -47,7 +55,7 @@ def check_same_model(model: nn.Module, group: dist.ProcessGroup) -> None:
             "and dtype) on every rank"
         )
     if all(sums is not None for _, sums in every):
-        value_differs = [ranks[i] for i, (_, sums) in enumerate(every) if sums != every[0][1]]
+        value_differs = _differ_from_first([sums for _, sums in every], ranks)
         if value_differs:
             raise ValueError(
                 f"parallelize_module: parameter values differ across ranks: global ranks {value_differs} "
@@ -59,13 +67,10 @@ def check_same_model(model: nn.Module, group: dist.ProcessGroup) -> None:
 def check_same_input_shapes(shapes: dict[str, tuple], group: dist.ProcessGroup, model_name: str) -> None:
     """Raise on every rank unless all ranks of ``group`` got inputs of the same shapes (the sp
     ranks of a replica must feed the same global batch). One all_gather_object."""
-    world = dist.get_world_size(group)
-    if world == 1:
+    if dist.get_world_size(group) == 1:
         return
-    every: list = [None] * world
-    dist.all_gather_object(every, shapes, group=group)
-    ranks = dist.get_process_group_ranks(group)
-    differ = [ranks[i] for i, s in enumerate(every) if s != every[0]]
+    every, ranks = _gather(shapes, group)
+    differ = _differ_from_first(every, ranks)
     if differ:
         raise ValueError(
             f"{model_name}: the sequence-parallel ranks got inputs of different shapes: rank {ranks[0]} "
