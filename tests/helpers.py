@@ -36,3 +36,14 @@ def make_mask(kind: str, shape_kind: str, B: int, H: int, N: int, dtype, gen: to
     if kind == "additive":
         return torch.randn(shape, generator=gen, dtype=dtype)
     raise ValueError(kind)
+
+
+def assert_out_and_grads_match(results, ref: torch.Tensor, ref_inputs, grad_out: torch.Tensor, dtype, context) -> None:
+    """Each rank's (out, dq, dk, dv, ...) shards, concatenated along the sequence, equal the
+    single-process ``ref`` computed from ``ref_inputs`` (q, k, v) and its gradients for ``grad_out``."""
+    ref.backward(grad_out)
+    expected = [ref.detach()] + [t.grad for t in ref_inputs]
+    for i, name in enumerate(["out", "dq", "dk", "dv"]):
+        got = torch.cat([r[i] for r in results], dim=2)
+        err = rel_err(got, expected[i])
+        assert err <= TOL[dtype], f"{name}: relative error {err:.3g} > {TOL[dtype]:g} for {context}"

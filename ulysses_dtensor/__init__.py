@@ -9,6 +9,7 @@ from .comm import head_to_seq, seq_to_head
 from .comm_counter import CollectiveCounter
 from .compile import explain
 from .documents import Documents
+from .hybrid import choose_ring_degree, hybrid_attention
 from .dtensor_rule import register, unregister
 from .inputs import gather_sequence, shard_batch
 from .layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
@@ -23,6 +24,8 @@ __all__ = [
     "UlyssesAttention",
     "UlyssesConfig",
     "UlyssesLayout",
+    "choose_ring_degree",
+    "hybrid_attention",
     "explain",
     "gather_sequence",
     "init_mesh",

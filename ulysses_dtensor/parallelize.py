@@ -29,6 +29,7 @@ from .compile import enable_comm_overlap
 from .consistency import check_same_input_shapes, check_same_model
 from .documents import Documents
 from .fsdp import apply_fsdp, find_blocks
+from .hybrid import HybridLayout, choose_ring_degree
 from .inputs import IGNORE_INDEX, check_no_padding, global_seq_len, local_slice, shift_labels
 from .layout import seq_shard_offsets, seq_shard_sizes
 from .mesh import check_mesh, dp_sp_mesh, sp_mesh
@@ -72,6 +73,11 @@ class UlyssesConfig:
             ``document_ids=`` when given; for Hugging Face models also position resets, as
             transformers itself does in one process; batches without resets keep the plain
             causal path.
+        ring_degree: the ring factor R of the hybrid (``hybrid.py``): sp = U-way Ulysses × R-way
+            ring attention. ``None`` (default): 1 (plain Ulysses) when every sp rank gets a query
+            head, else the smallest R with sp / R ≤ heads (:func:`choose_ring_degree`; the head
+            count is read from the model). The choice is printed once. flex_attention calls
+            (BlockMask) always use plain Ulysses.
     """
 
     kernel: str | Callable = "sdpa"
@@ -84,6 +90,7 @@ class UlyssesConfig:
     compile_overlap: bool = True
     local_attention_only: bool = False
     packed_documents: bool | None = None
+    ring_degree: int | None = None
 
 
 def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig | None = None) -> nn.Module:
@@ -141,6 +148,8 @@ class _SequenceParallelForward:
         self.sp_group = self.mesh_sp.get_group()
         self.rank, self.world = self.mesh_sp.get_local_rank(), self.mesh_sp.size()
         self.loss_group = dp_sp_mesh(mesh).get_group() if config.rewrite_loss else None
+        announce = dp_sp_mesh(mesh).get_local_rank() == 0
+        self.ring_degree = _ring_degree(model, self.world, config.ring_degree, announce)
         signature = inspect.signature(self.original)
         self.params = set(signature.parameters)
         self.var_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
@@ -170,7 +179,7 @@ class _SequenceParallelForward:
             module._buffers[name] = table[offset : offset + n_local]
         mode = UlyssesFunctionMode(
             self.sp_group, seq_len, self.loss_group, self.config.kernel, self.config.local_attention_only,
-            documents,
+            documents, self.ring_degree,
         )
         rewrite.current["mode"] = mode
         try:
@@ -287,6 +296,35 @@ class _SequenceParallelForward:
             elif isinstance(value, torch.Tensor) and value.dim() >= 2:
                 named[name] = local_slice(value, self.rank, self.world, seq_len).contiguous()
         return (), named, seq_len, documents
+
+
+HEAD_COUNT_NAMES = ("num_attention_heads", "n_heads", "num_heads", "n_head")
+
+
+def query_heads(model: nn.Module) -> int | None:
+    """The model's query-head count: HF ``config.num_attention_heads``, else the smallest
+    ``n_heads``/``num_heads``-style integer attribute of any submodule; None if there is none."""
+    value = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    found = [
+        v for m in model.modules() for v in (getattr(m, name, None) for name in HEAD_COUNT_NAMES)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0
+    ]
+    return min(found) if found else None
+
+
+def _ring_degree(model: nn.Module, sp: int, requested: int | None, announce: bool) -> int:
+    heads = query_heads(model)
+    if requested is None:
+        ring = choose_ring_degree(sp, heads) if heads is not None else 1
+    elif not isinstance(requested, int) or requested < 1 or sp % requested:
+        raise ValueError(f"UlyssesConfig(ring_degree={requested!r}) must be a positive divisor of the sp degree {sp}")
+    else:
+        ring = requested
+    if announce and sp > 1:
+        print(f"ulysses_dtensor: {HybridLayout.build(sp, ring).describe(heads)}", flush=True)
+    return ring
 
 
 def _find_position_buffers(model: nn.Module, names: tuple[str, ...] | None):

@@ -4,7 +4,8 @@
 
 * ``F.scaled_dot_product_attention`` on this rank's tokens becomes :func:`ulysses_attention`
   over the sequence-parallel group (any model calling SDPA, Hugging Face's "sdpa" attention
-  included) — within each document when the forward's batch is packed (``documents``);
+  included), or the Ulysses × ring hybrid when the sp degree exceeds the heads (``ring_degree``)
+  — within each document when the forward's batch is packed (``documents``);
 * ``F.cross_entropy(..., reduction="mean")`` becomes the *global* token-weighted mean over the
   loss group: every rank's value is the single-process loss on the whole batch, and each rank's
   gradient path carries its own tokens' share, so summing gradients over ranks (FSDP with a
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .attention import ulysses_attention
+from .hybrid import hybrid_attention
 
 def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """F.scaled_dot_product_attention's arguments by name (plain Python binding: traceable)."""
@@ -86,11 +88,14 @@ class UlyssesFunctionMode(TorchFunctionMode):
             training, it shows what the model loses without attention across shards).
         documents: packed documents of the global sequence (``documents.Documents``): every SDPA
             call attends within documents only. ``document_calls`` counts the calls that did.
+        ring_degree: R > 1 runs SDPA calls as the hybrid U-way Ulysses × R-way ring
+            (``hybrid.hybrid_attention``; its own kernel, so ``kernel`` is unused there).
     """
 
     def __init__(self, sp_group, seq_len: int, loss_group=None, kernel="sdpa", local_attention_only=False,
-                 documents=None):
+                 documents=None, ring_degree: int = 1):
         super().__init__()
+        self.ring_degree = ring_degree
         self.local_attention_only = local_attention_only
         self.sp_group = sp_group
         self.seq_len = seq_len
@@ -110,6 +115,8 @@ class UlyssesFunctionMode(TorchFunctionMode):
             if self.documents is not None:
                 self.document_calls += 1
                 options["documents"] = self.documents
+            if self.ring_degree > 1:
+                return hybrid_attention(q, k, v, self.sp_group, ring_degree=self.ring_degree, seq_len=self.seq_len, **options)
             return ulysses_attention(q, k, v, self.sp_group, seq_len=self.seq_len, kernel=self.kernel, **options)
         if func is F.cross_entropy and self.loss_group is not None:
             logits, target, ignore_index, label_smoothing, plain_mean = _cross_entropy_arguments(*args, **kwargs)
