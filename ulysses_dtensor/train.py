@@ -24,7 +24,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .comm_counter import CollectiveCounter
 from .data import RetrievalTask, TextTask, step_generator
 from .inputs import IGNORE_INDEX, local_slice
-from .layout import UlyssesLayout
+from .hybrid import choose_ring_degree, hybrid_elements_sent
 from .llama import Llama, llama_config
 from .mesh import init_mesh
 from .parallelize import UlyssesConfig, parallelize_module
@@ -283,12 +283,13 @@ def _comm_and_memory(counter, model_cfg, phase: Phase, cfg: TrainConfig, sp_rank
     """Per rank (lists indexed by global rank): bytes sent in the step (counted from the
     collectives issued), all-to-all bytes and their minimum, peak memory. Collective."""
     size = DTYPES[cfg.dtype].itemsize
-    layout = UlyssesLayout.build(
-        phase.batch // cfg.dp, model_cfg.n_heads, model_cfg.n_kv_heads, phase.seq_len, model_cfg.head_dim, cfg.sp
+    # plain Ulysses, or the Ulysses × ring hybrid parallelize_module picks when sp > heads
+    ring = choose_ring_degree(cfg.sp, model_cfg.n_heads)
+    sent = hybrid_elements_sent(
+        phase.batch // cfg.dp, model_cfg.n_heads, model_cfg.n_kv_heads, phase.seq_len, model_cfg.head_dim, cfg.sp,
+        ring, sp_rank,
     )
-    minimum = 0 if cfg.local_attention_only else (
-        model_cfg.n_layers * size * (layout.forward_elements_sent(sp_rank) + layout.backward_elements_sent(sp_rank))
-    )
+    minimum = 0 if cfg.local_attention_only else model_cfg.n_layers * size * sum(sent)
     mine = torch.tensor(
         [counter.bytes_sent(), counter.bytes_sent("all_to_all"), minimum, _peak_memory_mib(device)], dtype=torch.float64
     )
