@@ -7,6 +7,8 @@ import json
 import os
 
 MIB = 2**20
+# distinct markers: several implementations send the same bytes and their lines coincide
+MARKERS = {"single": "*", "ours": "o", "ours_compiled": "x", "allgather_kv": "s", "dtensor": "^", "deepspeed": "D"}
 
 
 def _ms(seconds) -> str:
@@ -184,7 +186,7 @@ def plots(report: dict, out_dir: str) -> list[str]:
                 pts = [(e["seq_len"], e["rows"][name].get(key)) for e in entries if name in e["rows"]]
                 pts = [(n, y / (MIB if key == "peak_bytes" else 1)) for n, y in pts if y is not None]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"{name} P={world}")
+                    ax.plot(*zip(*pts), marker=MARKERS.get(name, "o"), label=f"{name} P={world}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length N")
@@ -200,7 +202,7 @@ def plots(report: dict, out_dir: str) -> list[str]:
     names = sorted({n for e in entries for n in e["rows"]})
     for name in names:
         pts = [(e["world"], e["rows"][name]["bytes_sent"] / MIB) for e in entries if name in e["rows"]]
-        ax.plot(*zip(*pts), marker="o", label=f"{name} (counted)")
+        ax.plot(*zip(*pts), marker=MARKERS.get(name, "o"), fillstyle="none", label=f"{name} (counted)")
     if entries and "ours" in entries[0]["rows"]:
         pts = [(e["world"], e["rows"]["ours"]["theory_bytes"] / MIB) for e in entries if "ours" in e["rows"]]
         ax.plot(*zip(*pts), ls="--", color="black", label="Ulysses minimum")
