@@ -14,7 +14,8 @@ implementation turns that into what it needs (views where it can) and runs the s
 * ``allgather_kv``: each rank keeps its N/P queries and all-gathers K and V (one fused
   all-gather; its backward is a reduce-scatter of dK, dV): the Megatron-SP / torchtitan-CP
   "allgather" pattern. Under a causal mask a rank attends only to the keys up to its own last
-  token, so it slices the gathered keys to that prefix.
+  token: the earlier ranks' keys in full and its own block causally, two calls of SDPA's CPU
+  flash kernel merged by log-sum-exp (no mask, nothing computed past its last token).
 * ``dtensor``: q, k, v as DTensors ``Shard(1)`` (sequence) redistributed to ``Shard(2)``
   (heads), attention, and back: what DTensor's generic redistribution does (an all-gather then a
   local chunk on CPU/gloo).
@@ -134,22 +135,65 @@ def _allgather_kv(shape: AttentionShape, group) -> AttentionFn:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     n_local = shape.seq_len // world
     start, stop = rank * n_local, (rank + 1) * n_local
-    mask = None
-    if shape.causal:
-        # Query i (global start + i) sees keys 0 .. start + i: the keys of earlier ranks in full,
-        # its own block causally. Keys after `stop` are masked for every query, so they are sliced off.
-        keys = torch.arange(stop)
-        mask = keys[None, :] <= (start + torch.arange(n_local))[:, None]  # (N_r, stop), True = attend
 
     def attend(q, k, v):
         kv = torch.cat([k, v], dim=-1)  # one collective for both: (B, N_r, H_kv, 2D)
         if world > 1:
             # gather along dim 0 (the only dim the op promises), sequence-major
             kv = all_gather_single_autograd(kv.transpose(0, 1).contiguous(), 0, group).transpose(0, 1)
-        k_all, v_all = kv[:, :stop].split(shape.head_dim, dim=-1) if shape.causal else kv.split(shape.head_dim, dim=-1)
-        return sdpa_model_layout(q, k_all, v_all, attn_mask=mask, is_causal=False, enable_gqa=shape.gqa)
+        k_all, v_all = kv.split(shape.head_dim, dim=-1)
+        if not shape.causal:
+            return sdpa_model_layout(q, k_all, v_all, is_causal=False, enable_gqa=shape.gqa)
+        # Query i (global start + i) sees the keys of earlier ranks in full and its own block
+        # causally; keys after `stop` are masked for every query and never computed.
+        heads = [t.transpose(1, 2) for t in (q, k_all[:, :start], v_all[:, :start], k_all[:, start:stop], v_all[:, start:stop])]
+        return _PrefixCausalAttention.apply(*heads).transpose(1, 2)
 
     return attend
+
+
+class _PrefixCausalAttention(torch.autograd.Function):
+    """softmax attention of q (B, H, n, D) over [k_prev; k_own]: k_prev (B, H_kv, m, D) in full,
+    k_own (B, H_kv, n, D) causally (diagonal-aligned), without an explicit mask.
+
+    Two calls of SDPA's CPU flash kernel merged by their log-sum-exp; backward calls the flash
+    backward per block with the merged output and log-sum-exp, which is exact (the blockwise
+    backward of ring attention). An explicit lower-right causal mask would instead cost
+    O(n · (m + n)) memory and a mask read per score on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k_prev, v_prev, k_own, v_own):
+        group = q.shape[1] // k_own.shape[1]
+        if group > 1:  # the CPU flash op wants equal head counts; backward sums the copies back
+            k_prev, v_prev, k_own, v_own = (t.repeat_interleave(group, dim=1) for t in (k_prev, v_prev, k_own, v_own))
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out, lse = flash(q, k_own, v_own, 0.0, True)
+        if k_prev.shape[2]:
+            out_prev, lse_prev = flash(q, k_prev, v_prev, 0.0, False)
+            merged = torch.logaddexp(lse, lse_prev)
+            out = (lse - merged).exp().unsqueeze(-1).to(out.dtype) * out + (
+                (lse_prev - merged).exp().unsqueeze(-1).to(out.dtype) * out_prev
+            )
+            lse = merged
+        ctx.group = group
+        ctx.save_for_backward(q, k_prev, v_prev, k_own, v_own, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k_prev, v_prev, k_own, v_own, out, lse = ctx.saved_tensors
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad_out = grad_out.contiguous()
+        dq, dk_own, dv_own = backward(grad_out, q, k_own, v_own, out, lse, 0.0, True)
+        dk_prev, dv_prev = torch.zeros_like(k_prev), torch.zeros_like(v_prev)
+        if k_prev.shape[2]:
+            dq_prev, dk_prev, dv_prev = backward(grad_out, q, k_prev, v_prev, out, lse, 0.0, False)
+            dq = dq + dq_prev
+        grads = [dk_prev, dv_prev, dk_own, dv_own]
+        if ctx.group > 1:
+            grads = [g.unflatten(1, (-1, ctx.group)).sum(2) for g in grads]
+        return (dq, *grads)
 
 
 def _dtensor(shape: AttentionShape, group) -> AttentionFn:

@@ -98,8 +98,9 @@ def acceptance(report: dict) -> list[str]:
                              f"({name}) {_ms(t2)} ms: parallel efficiency T_single ÷ T_sp2 = {t1 / t2:.2f} (target ≥ 0.85)")
     mem = report.get("memory")
     if mem:
+        ratio = "— (P=1 fits no N: raise --memory-cap-mib)" if mem["ratio"] is None else f"{mem['ratio']:.2f}"
         lines.append(f"- longest trainable N under {mem['cap_bytes'] / MIB:g} MiB per rank: P=1 {mem['longest_p1']:,}, "
-                     f"P=4 {mem['longest_p4']:,}; ratio {mem['ratio']:.2f} (target ≥ 3.5)")
+                     f"P=4 {mem['longest_p4']:,}; ratio {ratio} (target ≥ 3.5)")
     return lines
 
 
