@@ -38,7 +38,7 @@ class BenchConfig:
     2-core machine); ``quick``: a smoke run of every section on tiny shapes (under a minute)."""
 
     out: str = field(default="benchmarks/results", metadata={"help": "directory for JSON, markdown and PNGs"})
-    quick: bool = field(default=False, metadata={"help": "tiny shapes, 2 repetitions: a smoke run"})
+    quick: bool = field(default=False, metadata={"help": "smoke run: tiny shapes (overriding the size options), 2 repetitions"})
     sections: str = field(default=",".join(SECTIONS), metadata={"help": "comma-separated: " + ",".join(SECTIONS)})
     reps: int = field(default=5, metadata={"help": "timed repetitions per row (median reported)"})
     warmup: int = field(default=1, metadata={"help": "untimed runs per row before timing"})
