@@ -34,7 +34,7 @@ def _ints(text: str) -> list[int]:
 
 @dataclass
 class BenchConfig:
-    """Options of ``ulysses-dtensor bench``. Defaults: the full suite (about 20 min on an idle
+    """Options of ``ulysses-dtensor bench``. Defaults: the full suite (about 15 min on a
     2-core machine); ``quick``: a smoke run of every section on tiny shapes (under a minute)."""
 
     out: str = field(default="benchmarks/results", metadata={"help": "directory for JSON, markdown and PNGs"})
