@@ -1,4 +1,4 @@
-"""Command line: ``ulysses-dtensor train``, ``ulysses-dtensor demo`` and ``ulysses-dtensor plan`` (also ``python -m ulysses_dtensor``)."""
+"""Command line: ``ulysses-dtensor train``, ``demo``, ``plan`` and ``bench`` (also ``python -m ulysses_dtensor``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from dataclasses import fields
 
+from .bench.suite import BenchConfig
 from .demo import DemoConfig, run_demo
 from .planner import PlanConfig, run_plan
 from .train import TrainConfig, run_train
@@ -42,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         "Example: ulysses-dtensor plan --model llama3-8b --seq-len 1M --gpus 32 --gpu-mem-gib 80",
     )
     _add_dataclass_args(plan, PlanConfig)
+    bench = sub.add_parser(
+        "bench", help="benchmark attention and a training step against all-gather, DTensor and DeepSpeed",
+        description="Time, bytes per rank (counted) against each scheme's minimum, and peak memory of Ulysses "
+        "attention vs its peers on local gloo ranks; writes JSON, markdown and PNGs. --quick: a smoke run.",
+    )
+    _add_dataclass_args(bench, BenchConfig)
     args = parser.parse_args(argv)
     if args.command == "train":
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
@@ -51,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.dtype not in ("float64", "float32"):
             parser.error("--dtype must be float64 or float32")
         return 0 if run_demo(cfg) else 1
+    if args.command == "bench":
+        from .bench.suite import main_entry
+
+        return main_entry(BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig)}))
     if args.command == "plan":
         return run_plan(PlanConfig(**{f.name: getattr(args, f.name) for f in fields(PlanConfig)}))
     return 2

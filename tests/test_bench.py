@@ -1,0 +1,90 @@
+"""The benchmark suite's smoke run (``ulysses-dtensor bench --quick``) on real gloo ranks.
+
+No timing is asserted. What is checked can fail: every implementation has its rows; the bytes
+the CollectiveCounter saw match each scheme's own formula on every rank (ours: the Ulysses
+minimum exactly, also for GQA with H_kv < P and uneven N); the all-gather baseline sends more
+than ours at P=4; and every implementation's outputs and gradients equal one process's, so the
+comparison is between correct implementations.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ulysses_dtensor.bench.baselines import IMPLEMENTATIONS, deepspeed_available
+from ulysses_dtensor.bench.report import write_outputs
+from ulysses_dtensor.bench.suite import BenchConfig, run_suite
+
+FP32_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def report(ranks4):
+    return run_suite(BenchConfig(quick=True, sections="attention,model,bytes"), ranks=ranks4)
+
+
+def _entries(report, section, world=None):
+    return [e for e in report["results"] if e["section"] == section and (world is None or e["world"] == world)]
+
+
+@pytest.mark.parametrize("section", ["attention", "model"])
+def test_every_implementation_has_rows(report, section):
+    (entry,) = _entries(report, section, world=4)
+    expected = set(IMPLEMENTATIONS) - (set() if deepspeed_available() else {"deepspeed"})
+    assert set(entry["rows"]) == expected
+    if not deepspeed_available():
+        assert "not importable" in entry["skipped"]["deepspeed"]
+    for row in entry["rows"].values():
+        assert len(row["times_s"]) == 2 and all(t > 0 for t in row["times_s"])
+        assert row["peak_bytes"] > 0
+    (single,) = _entries(report, section, world=1)
+    assert set(single["rows"]) == {"single"} and single["rows"]["single"]["bytes_sent"] == 0
+
+
+def test_ours_sends_exactly_the_minimum(report):
+    cases = [e for e in report["results"] if e["world"] > 1]
+    assert {e.get("label") for e in _entries(report, "bytes")} == {"MHA", "GQA H_kv=2 < P=4", "uneven N"}
+    for entry in cases:
+        for name in ("ours", "ours_compiled"):
+            if name in entry["rows"]:
+                row = entry["rows"][name]
+                assert row["bytes_sent_per_rank"] == row["theory_bytes_per_rank"], (entry["section"], name)
+                assert row["bytes_ratio"] == 1.0 and row["bytes_sent"] > 0
+
+
+def test_baselines_send_their_own_volume_and_allgather_more_than_ours(report):
+    for entry in _entries(report, "attention", 4) + _entries(report, "model", 4) + _entries(report, "bytes"):
+        rows = entry["rows"]
+        for name in ("allgather_kv", "dtensor", "deepspeed"):
+            if name in rows:  # dtensor: its all-gather volume, P x an all-to-all's
+                assert rows[name]["bytes_sent_per_rank"] == rows[name]["theory_bytes_per_rank"], (entry, name)
+        if "deepspeed" in rows:  # the counter sees DeepSpeed's eager c10d all-to-alls
+            assert rows["deepspeed"]["bytes_sent"] == rows["ours"]["bytes_sent"]
+    (mha,) = [e for e in _entries(report, "bytes") if e["label"] == "MHA"]
+    assert mha["rows"]["allgather_kv"]["bytes_sent"] == 2 * mha["rows"]["ours"]["bytes_sent"]
+    (attention,) = _entries(report, "attention", 4)
+    assert attention["rows"]["allgather_kv"]["bytes_sent"] > attention["rows"]["ours"]["bytes_sent"]
+    assert attention["rows"]["dtensor"]["collectives"] == {"all_gather": 8}
+    assert attention["rows"]["ours"]["collectives"] == {"all_to_all": 4}
+
+
+def test_every_implementation_matches_one_process(report):
+    for entry in report["results"]:
+        for name, row in entry["rows"].items():
+            errors = [row[k] for k in ("max_abs_err", "loss_err", "grad_err") if k in row]
+            assert errors, (entry["section"], name)
+            assert max(errors) <= FP32_TOL, (entry["section"], entry.get("label"), name, errors)
+
+
+def test_outputs_written(report, tmp_path):
+    paths, text = write_outputs(report, str(tmp_path))
+    assert {p.rsplit("/", 1)[-1] for p in paths} >= {"bench.json", "bench.md", "time_vs_n.png", "bytes_vs_p.png"}
+    assert json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert "bytes ÷ minimum, ours, GQA H_kv=2 < P=4" in text and "| 4 | 512 | ours |" in text
+
+
+def test_unknown_section_is_refused():
+    with pytest.raises(ValueError, match="unknown sections"):
+        BenchConfig(sections="attention,speed")
