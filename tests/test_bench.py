@@ -45,9 +45,11 @@ def test_every_implementation_has_rows(report, section):
 
 def test_ours_sends_exactly_the_minimum(report):
     cases = [e for e in report["results"] if e["world"] > 1]
-    assert {e.get("label") for e in _entries(report, "bytes")} == {"MHA", "GQA H_kv=2 < P=4", "uneven N"}
+    assert {e.get("label") for e in _entries(report, "bytes")} == {
+        "MHA", "GQA H_kv=2 < P=4", "uneven N", "2 heads / 1 kv head, P=4 > H",
+    }
     for entry in cases:
-        for name in ("ours", "ours_compiled"):
+        for name in ("ours", "ours_compiled", "hybrid", "ring"):
             if name in entry["rows"]:
                 row = entry["rows"][name]
                 assert row["bytes_sent_per_rank"] == row["theory_bytes_per_rank"], (entry["section"], name)

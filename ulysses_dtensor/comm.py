@@ -80,6 +80,7 @@ def _seq_to_head(plan: ExchangePlan, tensors: Sequence[Tensor]) -> list[Tensor]:
         width_dims = sum((r[rank][1] - r[rank][0]) * d for r, d in zip(plan.heads, dims))
         output_splits.append(batch * plan.seq_sizes[src] * width_dims)
     recv = _all_to_all(send, output_splits, input_splits, plan.group)
+    del send  # free the packed copy before the unpack allocates the results (lower peak)
 
     # Receive buffer: for each source, every tensor's slice of its tokens; concat over sources.
     pieces: list[list[Tensor]] = [[] for _ in tensors]
@@ -121,6 +122,7 @@ def _head_to_seq(plan: ExchangePlan, tensors: Sequence[Tensor]) -> list[Tensor]:
         width_dims = sum((r[src][1] - r[src][0]) * d for r, d in zip(plan.heads, dims))
         output_splits.append(batch * n_own * width_dims)
     recv = _all_to_all(send, output_splits, input_splits, plan.group)
+    del send
 
     results = []
     chunks: list[list[tuple[HeadRange, Tensor]]] = [[] for _ in tensors]

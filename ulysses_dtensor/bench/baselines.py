@@ -16,6 +16,9 @@ implementation turns that into what it needs (views where it can) and runs the s
   "allgather" pattern. Under a causal mask a rank attends only to the keys up to its own last
   token: the earlier ranks' keys in full and its own block causally, two calls of SDPA's CPU
   flash kernel merged by log-sum-exp (no mask, nothing computed past its last token).
+* ``hybrid`` / ``ring``: :func:`hybrid_attention` with the ring degree ``parallelize_module``
+  would choose (U-way Ulysses × R-way ring; R = 1 when every rank gets a head) and with R = P
+  (pure ring attention): the schemes for sp beyond the head count.
 * ``dtensor``: q, k, v as DTensors ``Shard(1)`` (sequence) redistributed to ``Shard(2)``
   (heads), attention, and back: what DTensor's generic redistribution does (an all-gather then a
   local chunk on CPU/gloo).
@@ -36,12 +39,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..attention import ulysses_attention
+from ..hybrid import choose_ring_degree, hybrid_attention, hybrid_elements_sent
 from ..layout import UlyssesLayout, seq_shard_offsets, seq_shard_sizes
 
 Tensor = torch.Tensor
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 IMPLEMENTATIONS = ("ours", "ours_compiled", "allgather_kv", "dtensor", "deepspeed")
+# sp beyond the head count (docs/hybrid.md), run in the bytes section only
+HYBRID_IMPLEMENTATIONS = ("hybrid", "ring")
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ def unsupported_reason(name: str, shape: AttentionShape, world: int) -> str | No
 
 def build(name: str, shape: AttentionShape, group: dist.ProcessGroup) -> AttentionFn:
     """The implementation ``name`` for ``shape`` on ``group``; see the module docstring."""
+    if name in HYBRID_IMPLEMENTATIONS:
+        return _hybrid(shape, group, ring_degree(name, shape, dist.get_world_size(group)))
     builders = {
         "ours": _ours,
         "ours_compiled": _ours_compiled,
@@ -118,6 +126,22 @@ def _ours(shape: AttentionShape, group) -> AttentionFn:
     def attend(q, k, v):
         out = ulysses_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group,
+            is_causal=shape.causal, enable_gqa=shape.gqa, seq_len=shape.seq_len,
+        )
+        return out.transpose(1, 2)
+
+    return attend
+
+
+def ring_degree(name: str, shape: AttentionShape, world: int) -> int:
+    """R of the hybrid: what parallelize_module picks ("hybrid") or P (pure "ring")."""
+    return world if name == "ring" else choose_ring_degree(world, shape.heads)
+
+
+def _hybrid(shape: AttentionShape, group, ring: int) -> AttentionFn:
+    def attend(q, k, v):
+        out = hybrid_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group, ring_degree=ring,
             is_causal=shape.causal, enable_gqa=shape.gqa, seq_len=shape.seq_len,
         )
         return out.transpose(1, 2)
@@ -238,6 +262,8 @@ ATTENTION_KINDS = {
     "ours": ("all_to_all",),
     "ours_compiled": ("all_to_all",),
     "deepspeed": ("all_to_all",),
+    "hybrid": ("all_to_all",),
+    "ring": ("all_to_all",),
     "allgather_kv": ("all_gather", "reduce_scatter"),
     "dtensor": ("all_gather",),
     "single": (),
@@ -251,6 +277,8 @@ def theoretical_bytes(name: str, shape: AttentionShape, world: int, rank: int, e
     * deepspeed: every tensor's (P-1)/P to the other ranks, each way (its scheme is ours without
       the GQA and uneven cases, so on the shapes it accepts it equals ours).
     * allgather_kv: K and V to P-1 peers in forward, dK and dV reduce-scattered in backward.
+    * hybrid / ring: :func:`hybrid_elements_sent` (the Ulysses all-to-alls within a group, then
+      R-1 k/v hops forward, R-1 k/v and R dk/dv hops backward).
     * dtensor: every redistribution (q, k, v, out forward; their gradients backward) an
       all-gather of the local shard to P-1 peers.
     """
@@ -260,7 +288,10 @@ def theoretical_bytes(name: str, shape: AttentionShape, world: int, rank: int, e
     n_local = seq_shard_sizes(shape.seq_len, world)[rank]
     q_elems = shape.batch * n_local * shape.heads * shape.head_dim
     kv_elems = shape.batch * n_local * shape.kv_heads * shape.head_dim
-    if name in ("ours", "ours_compiled", "deepspeed"):
+    if name in HYBRID_IMPLEMENTATIONS:
+        elements = sum(hybrid_elements_sent(shape.batch, shape.heads, shape.kv_heads, shape.seq_len, shape.head_dim,
+                                            world, ring_degree(name, shape, world), rank))
+    elif name in ("ours", "ours_compiled", "deepspeed"):
         elements = layout.forward_elements_sent(rank) + layout.backward_elements_sent(rank)
     elif name == "allgather_kv":
         elements = 2 * (2 * kv_elems) * (world - 1)  # all-gather of (k, v) + reduce-scatter of (dk, dv)

@@ -191,6 +191,13 @@ def _plan(cfg: BenchConfig, sections: list[str], worlds: list[int]) -> list[tupl
             entry = {"section": "bytes", "label": label, "world": 4, "seq_len": shape.seq_len, "shape": asdict(shape)}
             plan.append((entry, attention_case, (shape, ["ours", "allgather_kv", "dtensor", "deepspeed"]),
                          {"reps": 0, "warmup": 0, "check": True, "memory": False}, 4))
+        # sp beyond the head count (docs/hybrid.md): plain Ulysses leaves ranks idle, the hybrid
+        # and pure ring keep every rank busy; bytes next to all-gather K/V
+        shape = AttentionShape(1, 2, 1, n, 16)
+        entry = {"section": "bytes", "label": "2 heads / 1 kv head, P=4 > H", "world": 4, "seq_len": n,
+                 "shape": asdict(shape)}
+        plan.append((entry, attention_case, (shape, ["ours", "hybrid", "ring", "allgather_kv"]),
+                     {"reps": 0, "warmup": 0, "check": True, "memory": False}, 4))
     if "versus" in sections:
         plan += _versus_plan(cfg)
     return plan
