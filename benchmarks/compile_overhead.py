@@ -13,7 +13,8 @@ sequence-parallel machinery (each rank pinned to its own core):
 * compiled: the all-to-all and wait ops, plus the Inductor kernels that write or read the
   exchange buffers (their names carry ``cat`` / ``slice_scatter`` / ``copy``).
 
-Writes JSON and markdown to ``benchmarks/results/``.
+Writes JSON, markdown and a PNG (step time split into SP overhead and the rest, per mode and
+rank) to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -106,6 +107,34 @@ def _rank_bench(ctx, args: dict) -> dict:
     return results
 
 
+def _plot(per_rank: list[dict], path: Path) -> None:
+    """Per mode and rank: median step time as a bar, its SP-overhead part stacked at the bottom."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: matplotlib is not installed; no plot")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, overhead, rest = [], [], []
+    for mode in ("eager", "compiled"):
+        for rank, r in enumerate(per_rank):
+            labels.append(f"{mode}\nrank {rank}")
+            overhead.append(r[mode]["sp_overhead_ms"])
+            rest.append(max(r[mode]["step_ms_median"] - r[mode]["sp_overhead_ms"], 0.0))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.bar(labels, overhead, label="SP overhead (exchange copies, all-to-all, wait)", color="tab:red")
+    ax.bar(labels, rest, bottom=overhead, label="everything else", color="tab:blue", alpha=0.6)
+    ax.set_ylabel("ms per step (median)")
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=8192)
@@ -144,6 +173,7 @@ def main() -> None:
         f"compiled / eager SP overhead: {c['sp_overhead_ms'] / max(e['sp_overhead_ms'], 1e-9):.2f}",
     ]
     (args["out"] / "compile_overhead.md").write_text("\n".join(lines) + "\n")
+    _plot(per_rank, args["out"] / "compile_overhead.png")
     print("\n".join(lines))
     print("top compiled events (rank 0):", per_rank[0].get("compiled_top_events"))
 
