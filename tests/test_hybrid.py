@@ -272,3 +272,32 @@ def test_compiled_hybrid_fullgraph(ranks8, backend):
     """torch.compile(fullgraph=True) traces the hybrid (2 heads at sp = 4: 2 × 2), forward and backward."""
     for ring, loss_err, grad_err in ranks8.run(_rank_compiled_hybrid, backend, world=4, timeout_s=600):
         assert ring == 2 and loss_err <= 1e-10 and grad_err <= 1e-10, (loss_err, grad_err)
+
+
+def test_causal_skip_decisions_from_spans():
+    """Chunks whose keys all come after their last query are skipped; a key at the last query's
+    own position is not (the diagonal is allowed)."""
+    from ulysses_dtensor.ring import RingPlan
+
+    spans = (((0, 4), (12, 16)), ((4, 8), (8, 12)))  # zigzag of N=16 over 2 ring ranks
+    plan = RingPlan(positions=(), spans=spans, index=1, group_ranks=(0, 1), group=None, group_size=2)
+    causal, full = BlockMask(True, None, None), BlockMask(False, None, None)
+    assert plan.last_query_position(4) == 7 and plan.last_query_position(5) == 8
+    assert not plan.hidden_by_causal(causal, 0, 1)  # key 0 <= query 4
+    assert not plan.hidden_by_causal(causal, 1, 4)
+    assert not plan.hidden_by_causal(full, 0, 1)
+    contiguous = RingPlan(positions=(), spans=(((0, 7),), ((7, 12),)), index=0, group_ranks=(0, 1), group=None, group_size=2)
+    assert contiguous.hidden_by_causal(causal, 1, 7)  # keys 7.. after queries ..6
+    later = RingPlan(positions=(), spans=(((0, 8),), ((7, 12),)), index=0, group_ranks=(0, 1), group=None, group_size=2)
+    assert not later.hidden_by_causal(causal, 1, 8)  # query 7 sees key 7
+    assert later.hidden_by_causal(causal, 1, 7)
+    empty = RingPlan(positions=(), spans=(((0, 3),), ((3, 3),)), index=0, group_ranks=(0, 1), group=None, group_size=2)
+    assert empty.hidden_by_causal(causal, 1, 3)
+
+
+@pytest.mark.parametrize("ring", [2, 4])
+def test_rank_without_tokens(ranks8, ring):
+    """N = 5 over sp = 4 leaves the last rank no token (DTensor's Shard rule): still exact."""
+    case = dict(world=4, ring_degree=ring, batch=1, num_heads=2, num_kv_heads=1, seq_len=5, head_dim=2,
+                mask="causal", dtype=torch.float64, seed=0, doc_cuts=[])
+    check_hybrid(ranks8, case)

@@ -109,13 +109,11 @@ class HybridLayout:
             q_ranges[r], kv_ranges[r], sizes[r] = inner.q_ranges[place], inner.kv_ranges[place], layout.seq_sizes[r]
         return dataclasses.replace(inner, seq_sizes=tuple(sizes), q_ranges=tuple(q_ranges), kv_ranges=tuple(kv_ranges))
 
-    def positions(self, layout: UlyssesLayout, device) -> tuple[Tensor, ...]:
-        """Per ring index, the global positions of its group's tokens, in sp-rank order."""
+    def spans(self, layout: UlyssesLayout) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Per ring index, the ``[start, stop)`` global position ranges of its group's tokens, in
+        sp-rank (so increasing) order."""
         offsets = seq_shard_offsets(list(layout.seq_sizes))
-        return tuple(
-            torch.cat([torch.arange(offsets[s], offsets[s] + layout.seq_sizes[s], device=device) for s in group])
-            for group in self.shards
-        )
+        return tuple(tuple((offsets[s], offsets[s] + layout.seq_sizes[s]) for s in group) for group in self.shards)
 
     def describe(self, num_heads: int | None = None) -> str:
         heads = f" over {num_heads} query heads" if num_heads is not None else ""
@@ -184,9 +182,11 @@ def hybrid_attention(
     # A rank without a head (only when ring_degree leaves U > H) still runs the ring, on empty
     # tensors: every ring step is a collective over the whole sp group.
     q_start, q_stop = inner.q_ranges[rank]
+    spans = hybrid.spans(layout)
     ring = RingPlan(
-        positions=hybrid.positions(layout, q.device), index=hybrid.ring_index(rank),
-        group_ranks=hybrid.ring_members(rank), group=group, group_size=world,
+        positions=tuple(torch.cat([torch.arange(a, b, device=q.device) for a, b in group]) for group in spans),
+        spans=spans, index=hybrid.ring_index(rank), group_ranks=hybrid.ring_members(rank), group=group,
+        group_size=world,
     )
     kv_start = inner.kv_ranges[rank][0]
     per_kv = inner.num_heads // inner.num_kv_heads

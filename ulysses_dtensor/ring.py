@@ -41,6 +41,9 @@ class RingPlan:
 
     Attributes:
         positions: per ring index, the global positions of that rank's tokens, ``(n_i,)`` int64.
+        spans: the same positions as increasing ``[start, stop)`` ranges (Python ints), so which
+            blocks a causal mask hides entirely is known without reading a tensor (nor a graph
+            break under torch.compile).
         index: this rank's ring index.
         group_ranks: per ring index, its rank in ``group``.
         group: a process group holding the ring's ranks (it may hold more: the hybrid runs
@@ -49,6 +52,7 @@ class RingPlan:
     """
 
     positions: tuple[Tensor, ...]
+    spans: tuple[tuple[tuple[int, int], ...], ...]
     index: int
     group_ranks: tuple[int, ...]
     group: dist.ProcessGroup
@@ -61,6 +65,26 @@ class RingPlan:
     def block_at_step(self, step: int) -> int:
         """Ring index of the key/value block this rank holds at ``step`` (0 = its own)."""
         return (self.index - step) % self.size
+
+    def first_position(self, block: int) -> int | None:
+        """The smallest position in ``block``, None if it is empty."""
+        spans = [sp for sp in self.spans[block] if sp[1] > sp[0]]
+        return spans[0][0] if spans else None
+
+    def last_query_position(self, stop_row: int) -> int:
+        """The position of this rank's row ``stop_row - 1`` (rows follow the spans in order)."""
+        row = stop_row - 1
+        for start, stop in self.spans[self.index]:
+            if row < stop - start:
+                return start + row
+            row -= stop - start
+        raise IndexError(stop_row)
+
+    def hidden_by_causal(self, mask: "BlockMask", block: int, stop_row: int) -> bool:
+        """True when a causal mask hides ``block`` from this rank's rows before ``stop_row``:
+        their keys all come after the rows' last query. Such chunks are skipped, not computed."""
+        first = self.first_position(block)
+        return mask.is_causal and (first is None or first > self.last_query_position(stop_row))
 
 
 @dataclass(frozen=True)
@@ -114,11 +138,18 @@ def _chunks(q: Tensor, n_k: int):
         yield start, min(start + size, q.shape[2])
 
 
-def _block_forward(q, k, v, q_pos, k_pos, mask: BlockMask, scale: float):
-    """Partial attention of q (B, H, n_q, D) over one block k/v (B, H, n_k, D):
+def _block_forward(q, k, v, plan: RingPlan, block: int, mask: BlockMask, scale: float):
+    """Partial attention of this rank's q (B, H, n_q, D) over one block k/v (B, H, n_k, D):
     (out (B, H, n_q, Dv), lse (B, H, n_q))."""
+    q_pos, k_pos = plan.positions[plan.index], plan.positions[block]
+    if q.shape[2] == 0:  # a rank whose group holds no token (very short uneven sequences)
+        return q.new_zeros(q.shape[:3] + (v.shape[3],)), q.new_zeros(q.shape[:3])
     outs, lses = [], []
     for a, b in _chunks(q, k.shape[2]):
+        if plan.hidden_by_causal(mask, block, b):
+            outs.append(q.new_zeros(q.shape[:2] + (b - a, v.shape[3])))
+            lses.append(q.new_full(q.shape[:2] + (b - a,), float("-inf")))
+            continue
         allowed, bias = mask.build(q_pos[a:b], k_pos)
         s = _scores(q[:, :, a:b], k, scale, allowed, bias)
         lse = torch.logsumexp(s, dim=-1)
@@ -167,7 +198,6 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: RingPlan, kv_index: Tensor, mask: BlockMask, scale: float):
         acc = torch.promote_types(q.dtype, torch.float32)
-        q_pos = plan.positions[plan.index]
         qa = q.to(acc)
         out = q.new_zeros(q.shape[:3] + (v.shape[3],), dtype=acc)
         lse = q.new_full(q.shape[:3], float("-inf"), dtype=acc)
@@ -176,7 +206,7 @@ class _RingAttention(torch.autograd.Function):
             block = plan.block_at_step(step)
             out_b, lse_b = _block_forward(
                 qa, k_cur.index_select(1, kv_index).to(acc), v_cur.index_select(1, kv_index).to(acc),
-                q_pos, plan.positions[block], mask, scale,
+                plan, block, mask, scale,
             )
             out, lse = _merge(out, lse, out_b, lse_b)
             if step < plan.size - 1:
@@ -207,6 +237,8 @@ class _RingAttention(torch.autograd.Function):
             dke = torch.zeros_like(ke)
             dve = torch.zeros_like(ve)
             for a, b in _chunks(qa, ke.shape[2]):
+                if plan.hidden_by_causal(mask, block, b):
+                    continue
                 allowed, bias = mask.build(q_pos[a:b], k_pos)
                 s = _scores(qa[:, :, a:b], ke, scale, allowed, bias)
                 p = torch.exp(s - lse_f[:, :, a:b, None])
