@@ -49,12 +49,19 @@ class ExchangePlan:
 
 def _all_to_all(send: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
     """One real all-to-all of a flat buffer (element splits), on any backend."""
+    return _wait(_start_all_to_all(send, output_splits, input_splits, group))
+
+
+def _start_all_to_all(send: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
+    """Issue the all-to-all and return its (not yet waited) result: compute issued before
+    :func:`_wait` overlaps with the transfer (NCCL: on its own stream)."""
     if len(input_splits) == 1:  # a group of one: the buffer is already the result
         return send
-    out = torch.ops._c10d_functional.all_to_all_single(
-        send, output_splits, input_splits, group.group_name
-    )
-    return torch.ops._c10d_functional.wait_tensor(out)
+    return torch.ops._c10d_functional.all_to_all_single(send, output_splits, input_splits, group.group_name)
+
+
+def _wait(result: Tensor) -> Tensor:
+    return torch.ops._c10d_functional.wait_tensor(result)
 
 
 def _seq_to_head(plan: ExchangePlan, tensors: Sequence[Tensor]) -> list[Tensor]:

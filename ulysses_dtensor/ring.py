@@ -8,9 +8,12 @@ the ring again with the forward's global log-sum-exp (the flash-attention backwa
 no ``N × N`` tensor is ever saved; the key/value gradients travel with their blocks and arrive at
 their owners after one last hop.
 
-Communication per rank, one fused collective per step (``all_to_all_single`` with a single
-non-empty split, i.e. a send to the next rank and a receive from the previous one; NCCL skips the
-empty splits, and no process group has to be created for the ring): forward ``(R-1)`` k/v blocks, backward ``(R-1)`` k/v blocks and ``R`` dk/dv blocks.
+Communication per rank (each hop an ``all_to_all_single`` with a single non-empty split, i.e. a
+send to the next rank and a receive from the previous one; NCCL skips the empty splits, and no
+process group has to be created for the ring): forward ``(R-1)`` k/v hops, each started before
+the current block is computed and waited for after it, so the transfer overlaps the compute;
+backward ``(R-1)`` k/v hops (overlapped the same way) and ``R`` dk/dv hops (after each block's
+gradients, which they carry).
 
 Masks are built per block from global token positions (causal, packed documents, a global tensor
 ``attn_mask``), so the ring is exact for any token placement, including zigzag (head-tail)
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .comm import _all_to_all, _pack
+from .comm import _pack, _start_all_to_all, _wait
 
 Tensor = torch.Tensor
 
@@ -166,28 +169,48 @@ def _merge(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tens
     return out, new
 
 
-def _shift(plan: RingPlan, tensors: list[Tensor], incoming_shapes: list[torch.Size]) -> list[Tensor]:
-    """Send ``tensors`` to the next ring rank and receive tensors of ``incoming_shapes`` from the
-    previous one, in one collective per dtype."""
+@dataclass
+class _InFlight:
+    """Transfers started by :func:`_start_shift`: per dtype (un-waited result, indices, shapes);
+    or, on a ring of one rank, the tensors themselves (nothing travels)."""
+
+    transfers: list[tuple[Tensor, list[int], list[torch.Size]]]
+    local: list[Tensor] | None = None
+
+
+def _start_shift(plan: RingPlan, tensors: list[Tensor], incoming_shapes: list[torch.Size]) -> _InFlight:
+    """Start sending ``tensors`` to the next ring rank and receiving tensors of
+    ``incoming_shapes`` from the previous one: one collective per dtype, not yet waited.
+    ``tensors`` are copied into the send buffer, so the caller may keep computing with them."""
     if plan.size == 1:
-        return tensors
+        return _InFlight([], local=tensors)
     nxt = plan.group_ranks[(plan.index + 1) % plan.size]
     prv = plan.group_ranks[(plan.index - 1) % plan.size]
-    out: list[Tensor | None] = [None] * len(tensors)
+    transfers = []
     for dtype in dict.fromkeys(t.dtype for t in tensors):
         idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
         send = _pack([tensors[i] for i in idx], tensors[idx[0]])
         in_splits = [0] * plan.group_size
         in_splits[nxt] = send.numel()
         out_splits = [0] * plan.group_size
-        sizes = [math.prod(incoming_shapes[i]) for i in idx]
-        out_splits[prv] = sum(sizes)
-        recv = _all_to_all(send, out_splits, in_splits, plan.group)
-        offset = 0
-        for i, n in zip(idx, sizes):
-            out[i] = recv[offset : offset + n].view(incoming_shapes[i])
+        out_splits[prv] = sum(math.prod(incoming_shapes[i]) for i in idx)
+        result = _start_all_to_all(send, out_splits, in_splits, plan.group)
+        transfers.append((result, idx, [incoming_shapes[i] for i in idx]))
+    return _InFlight(transfers)
+
+
+def _finish_shift(in_flight: _InFlight) -> list[Tensor]:
+    """Wait for the transfers; the received tensors, in the order they were sent."""
+    if in_flight.local is not None:
+        return in_flight.local
+    out: dict[int, Tensor] = {}
+    for result, idx, shapes in in_flight.transfers:
+        recv, offset = _wait(result), 0
+        for i, shape in zip(idx, shapes):
+            n = math.prod(shape)
+            out[i] = recv[offset : offset + n].view(shape)
             offset += n
-    return out  # type: ignore[return-value]
+    return [out[i] for i in range(len(out))]
 
 
 def _block_shape(plan: RingPlan, like: Tensor, block: int) -> torch.Size:
@@ -204,14 +227,17 @@ class _RingAttention(torch.autograd.Function):
         k_cur, v_cur = k, v
         for step in range(plan.size):
             block = plan.block_at_step(step)
+            in_flight = None
+            if step < plan.size - 1:  # the next block travels while this one is computed
+                nxt = plan.block_at_step(step + 1)
+                in_flight = _start_shift(plan, [k_cur, v_cur], [_block_shape(plan, k, nxt), _block_shape(plan, v, nxt)])
             out_b, lse_b = _block_forward(
                 qa, k_cur.index_select(1, kv_index).to(acc), v_cur.index_select(1, kv_index).to(acc),
                 plan, block, mask, scale,
             )
             out, lse = _merge(out, lse, out_b, lse_b)
-            if step < plan.size - 1:
-                nxt = plan.block_at_step(step + 1)
-                k_cur, v_cur = _shift(plan, [k_cur, v_cur], [_block_shape(plan, k, nxt), _block_shape(plan, v, nxt)])
+            if in_flight is not None:
+                k_cur, v_cur = _finish_shift(in_flight)
         ctx.save_for_backward(q, k, v, out, lse, kv_index)
         ctx.plan, ctx.mask, ctx.scale = plan, mask, scale
         return out.to(q.dtype)
@@ -232,6 +258,10 @@ class _RingAttention(torch.autograd.Function):
         for step in range(plan.size):
             block = plan.block_at_step(step)
             k_pos = plan.positions[block]
+            nxt = plan.block_at_step(step + 1)
+            shapes = [_block_shape(plan, k, nxt), _block_shape(plan, v, nxt)]
+            # the next block's k/v travel during this block's gradients; dk/dv must wait for them
+            kv_in_flight = _start_shift(plan, [k_cur, v_cur], shapes) if step < plan.size - 1 else None
             ke = k_cur.index_select(1, kv_index).to(acc)
             ve = v_cur.index_select(1, kv_index).to(acc)
             dke = torch.zeros_like(ke)
@@ -250,12 +280,10 @@ class _RingAttention(torch.autograd.Function):
             # query heads sharing a kv head (GQA) sum into it
             dk_cur = dk_cur.index_add(1, kv_index, dke)
             dv_cur = dv_cur.index_add(1, kv_index, dve)
-            nxt = plan.block_at_step(step + 1)
-            shapes = [_block_shape(plan, k, nxt), _block_shape(plan, v, nxt)]
-            if step < plan.size - 1:
-                k_cur, v_cur, dk_cur, dv_cur = _shift(plan, [k_cur, v_cur, dk_cur, dv_cur], shapes + shapes)
-            else:  # the last hop takes each block's finished gradient home
-                dk_cur, dv_cur = _shift(plan, [dk_cur, dv_cur], shapes)
+            # after the last step this hop takes each block's finished gradient home
+            dk_cur, dv_cur = _finish_shift(_start_shift(plan, [dk_cur, dv_cur], shapes))
+            if kv_in_flight is not None:
+                k_cur, v_cur = _finish_shift(kv_in_flight)
         return dq.to(q.dtype), dk_cur.to(k.dtype), dv_cur.to(v.dtype), None, None, None, None
 
 
