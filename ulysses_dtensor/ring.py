@@ -162,7 +162,10 @@ def _block_forward(q, k, v, plan: RingPlan, block: int, mask: BlockMask, scale: 
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def _merge(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+def merge_partials(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over the union of two key sets from the attention over each: outputs
+    (..., n, Dv) weighted by their log-sum-exps (..., n); the merged (output, log-sum-exp).
+    A query that sees no key of either set (lse = -inf) keeps weight 0, never NaN."""
     new = torch.logaddexp(lse, lse_b)
     base = _finite(new)
     out = out * torch.exp(lse - base)[..., None] + out_b * torch.exp(lse_b - base)[..., None]
@@ -235,7 +238,7 @@ class _RingAttention(torch.autograd.Function):
                 qa, k_cur.index_select(1, kv_index).to(acc), v_cur.index_select(1, kv_index).to(acc),
                 plan, block, mask, scale,
             )
-            out, lse = _merge(out, lse, out_b, lse_b)
+            out, lse = merge_partials(out, lse, out_b, lse_b)
             if in_flight is not None:
                 k_cur, v_cur = _finish_shift(in_flight)
         ctx.save_for_backward(q, k, v, out, lse, kv_index)

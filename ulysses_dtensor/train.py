@@ -24,7 +24,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .comm_counter import CollectiveCounter
 from .data import RetrievalTask, TextTask, step_generator
 from .inputs import IGNORE_INDEX, local_slice
-from .hybrid import choose_ring_degree, hybrid_elements_sent
+from .hybrid import hybrid_elements_sent
 from .llama import Llama, llama_config
 from .mesh import init_mesh
 from .parallelize import UlyssesConfig, parallelize_module
@@ -207,7 +207,7 @@ def train_rank(cfg: TrainConfig) -> dict:
             tokens_per_s=phase.batch * phase.seq_len / seconds, lr=optimizer.param_groups[0]["lr"],
         )
         if count:
-            record.update(_comm_and_memory(counter, model_cfg, phase, cfg, sp_rank, device))
+            record.update(_comm_and_memory(counter, model_cfg, phase, cfg, sp_rank, device, model.forward.ring_degree))
         history.append(record)
         progress.update(step + 1, record, force=bool(count))
         done = step + 1
@@ -279,12 +279,11 @@ def _correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
     return int(hits.sum()), int(scored.sum())
 
 
-def _comm_and_memory(counter, model_cfg, phase: Phase, cfg: TrainConfig, sp_rank: int, device) -> dict:
+def _comm_and_memory(counter, model_cfg, phase: Phase, cfg: TrainConfig, sp_rank: int, device, ring: int) -> dict:
     """Per rank (lists indexed by global rank): bytes sent in the step (counted from the
     collectives issued), all-to-all bytes and their minimum, peak memory. Collective."""
     size = DTYPES[cfg.dtype].itemsize
-    # plain Ulysses, or the Ulysses × ring hybrid parallelize_module picks when sp > heads
-    ring = choose_ring_degree(cfg.sp, model_cfg.n_heads)
+    # ring: 1 for plain Ulysses, else the Ulysses × ring hybrid parallelize_module chose
     sent = hybrid_elements_sent(
         phase.batch // cfg.dp, model_cfg.n_heads, model_cfg.n_kv_heads, phase.seq_len, model_cfg.head_dim, cfg.sp,
         ring, sp_rank,

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ..attention import ulysses_attention
 from ..hybrid import choose_ring_degree, hybrid_attention, hybrid_elements_sent
+from ..ring import merge_partials
 from ..layout import UlyssesLayout, seq_shard_offsets, seq_shard_sizes
 
 Tensor = torch.Tensor
@@ -195,11 +196,7 @@ class _PrefixCausalAttention(torch.autograd.Function):
         out, lse = flash(q, k_own, v_own, 0.0, True)
         if k_prev.shape[2]:
             out_prev, lse_prev = flash(q, k_prev, v_prev, 0.0, False)
-            merged = torch.logaddexp(lse, lse_prev)
-            out = (lse - merged).exp().unsqueeze(-1).to(out.dtype) * out + (
-                (lse_prev - merged).exp().unsqueeze(-1).to(out.dtype) * out_prev
-            )
-            lse = merged
+            out, lse = merge_partials(out, lse, out_prev, lse_prev)
         ctx.group = group
         ctx.save_for_backward(q, k_prev, v_prev, k_own, v_own, out, lse)
         return out
