@@ -47,3 +47,17 @@ def assert_out_and_grads_match(results, ref: torch.Tensor, ref_inputs, grad_out:
         got = torch.cat([r[i] for r in results], dim=2)
         err = rel_err(got, expected[i])
         assert err <= TOL[dtype], f"{name}: relative error {err:.3g} > {TOL[dtype]:g} for {context}"
+
+
+def attention_inputs(case: dict, value_dim: int | None = None):
+    """(generator, q, k, v, grad_out) of a case dict (batch, num_heads, num_kv_heads, seq_len,
+    head_dim, dtype, seed): global (B, H, N, D) q, (B, H_kv, N, D|Dv) k/v, (B, H, N, Dv) grad_out.
+    The generator is returned so the caller can draw masks from the same stream."""
+    B, H, Hkv, N, D = case["batch"], case["num_heads"], case["num_kv_heads"], case["seq_len"], case["head_dim"]
+    Dv, dtype = value_dim or D, case["dtype"]
+    gen = torch.Generator().manual_seed(case["seed"])
+    q = torch.randn(B, H, N, D, generator=gen, dtype=dtype)
+    k = torch.randn(B, Hkv, N, D, generator=gen, dtype=dtype)
+    v = torch.randn(B, Hkv, N, Dv, generator=gen, dtype=dtype)
+    grad_out = torch.randn(B, H, N, Dv, generator=gen, dtype=dtype)
+    return gen, q, k, v, grad_out

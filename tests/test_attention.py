@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import TOL, assert_out_and_grads_match, make_mask, rel_err, seq_slice
+from helpers import TOL, assert_out_and_grads_match, attention_inputs, make_mask, rel_err, seq_slice
 from ulysses_dtensor import CollectiveCounter, UlyssesLayout, hybrid_attention, ulysses_attention
 from ulysses_dtensor.kernels import flash_attn_available
 
@@ -47,11 +47,7 @@ def check_case(ranks4, case, value_dim=None):
     B, H, Hkv, N, D = case["batch"], case["num_heads"], case["num_kv_heads"], case["seq_len"], case["head_dim"]
     Dv = value_dim or D
     dtype, world = case["dtype"], case["world"]
-    gen = torch.Generator().manual_seed(case["seed"])
-    q = torch.randn(B, H, N, D, generator=gen, dtype=dtype)
-    k = torch.randn(B, Hkv, N, D, generator=gen, dtype=dtype)
-    v = torch.randn(B, Hkv, N, Dv, generator=gen, dtype=dtype)
-    grad_out = torch.randn(B, H, N, Dv, generator=gen, dtype=dtype)
+    gen, q, k, v, grad_out = attention_inputs(case, value_dim)
     kwargs = dict(enable_gqa=Hkv != H)
     if case["mask"] == "causal":
         kwargs["is_causal"] = True

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import TOL, assert_out_and_grads_match, make_mask, rel_err, seq_slice
+from helpers import TOL, assert_out_and_grads_match, attention_inputs, make_mask, rel_err, seq_slice
 from test_attention import _rank_attention
 from test_packed import ids_from_lengths, per_document_attention
 from ulysses_dtensor.hybrid import choose_ring_degree, hybrid_attention, hybrid_elements_sent, ulysses_shards
@@ -45,11 +45,7 @@ def hybrid_cases(draw):
 def check_hybrid(ranks8, case):
     B, H, Hkv, N, D = case["batch"], case["num_heads"], case["num_kv_heads"], case["seq_len"], case["head_dim"]
     dtype, world, ring_degree = case["dtype"], case["world"], case["ring_degree"]
-    gen = torch.Generator().manual_seed(case["seed"])
-    q = torch.randn(B, H, N, D, generator=gen, dtype=dtype)
-    k = torch.randn(B, Hkv, N, D, generator=gen, dtype=dtype)
-    v = torch.randn(B, Hkv, N, D, generator=gen, dtype=dtype)
-    grad_out = torch.randn(B, H, N, D, generator=gen, dtype=dtype)
+    gen, q, k, v, grad_out = attention_inputs(case)
     kwargs = dict(enable_gqa=Hkv != H)
     ref_kwargs = dict(kwargs)
     lengths = None
