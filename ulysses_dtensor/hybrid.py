@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .attention import check_attention_inputs, ulysses_attention
+from .attention import _mask_for_heads, check_attention_inputs, ulysses_attention
 from .comm import ExchangePlan, exchange_head_to_seq, exchange_seq_to_head, group_rank_world
 from .documents import Documents, as_documents
 from .layout import UlyssesLayout, seq_shard_offsets
@@ -194,7 +194,7 @@ def hybrid_attention(
     mask = BlockMask(
         is_causal=is_causal,
         doc_ids=documents.ids.to(q.device) if documents is not None else None,
-        attn_mask=_heads_of_mask(attn_mask, inner.num_heads, q_start, q_stop),
+        attn_mask=None if attn_mask is None else _mask_for_heads(attn_mask, inner.num_heads, q_start, q_stop),
     )
     out_h = ring_attention(q_h, k_h, v_h, ring, kv_index, mask, scale)
     if not exchange:
@@ -203,13 +203,6 @@ def hybrid_attention(
         heads=(inner.q_ranges,), num_heads=(inner.num_heads,), seq_sizes=inner.seq_sizes, rank=rank, group=group,
     )
     return exchange_head_to_seq(out_plan, out_h)[0]
-
-
-def _heads_of_mask(mask: Tensor | None, num_heads: int, start: int, stop: int) -> Tensor | None:
-    if mask is None:
-        return None
-    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    return mask[:, start:stop] if mask.shape[1] == num_heads and num_heads > 1 else mask
 
 
 def hybrid_elements_sent(
