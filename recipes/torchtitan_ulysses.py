@@ -30,7 +30,7 @@ The loss is torchtitan's (a sum over this rank's tokens divided by the global to
 our FSDP2 sums gradients over all ranks: together the single-process gradient of the global batch.
 
 Activation checkpointing (torchtitan's, recomputed inside the Ulysses rewrite) and torch.compile
-(torchtitan's per-block compile) each work; both together are refused for now. torchtitan's
+(torchtitan's per-block compile) work, alone or together. torchtitan's
 ``Trainer`` itself needs an accelerator; tests/test_recipes.py runs everything this module adds,
 inside torchtitan's own step code, on CPU gloo ranks (see docs/recipes.md).
 """
@@ -137,21 +137,6 @@ def apply_activation_checkpointing(model: Decoder, ac_config: ActivationCheckpoi
     ac_config.build(dump_folder=dump_folder).apply(model)
 
 
-def check_compile_and_ac(compile_config: CompileConfig, ac_config: ActivationCheckpointingConfig) -> None:
-    """Refuse torch.compile together with activation checkpointing.
-
-    torchtitan compiles each checkpoint-wrapped block; Dynamo traces the checkpointed body as a
-    higher-order op without the Ulysses rewrite that is active around it, so attention would
-    silently see this rank's tokens only (measured: forward error ~0.1 on the debugmodel).
-    """
-    if model_compile_enabled(compile_config) and ac_config is not None:
-        raise ValueError(
-            "recipes.torchtitan_ulysses: torch.compile of activation-checkpointed blocks does not keep "
-            "the Ulysses rewrite yet; use either --compile.enable (with activation-checkpoint:none) or "
-            "activation checkpointing without compile"
-        )
-
-
 def model_compile_enabled(compile_config: CompileConfig) -> bool:
     return compile_config.enable and "model" in compile_config.components
 
@@ -170,16 +155,15 @@ def parallelize_llama_ulysses(
     ac_config: ActivationCheckpointingConfig,
     dump_folder: str,
 ) -> nn.Module:
-    """torchtitan ``parallelize_fn``: activation checkpointing or compile, then Ulysses + FSDP2.
+    """torchtitan ``parallelize_fn``: activation checkpointing, compile, then Ulysses + FSDP2.
 
-    Same signature and order as torchtitan's ``parallelize_llama`` (AC or per-block compile, then
-    FSDP; both together are refused, see :func:`check_compile_and_ac`), with torchtitan's context
+    Same signature and order as torchtitan's ``parallelize_llama`` (AC, per-block compile, then
+    FSDP), with torchtitan's context
     parallelism and FSDP replaced by ``ulysses_dtensor.parallelize_module`` over the (dp, sp) mesh
     of :func:`ulysses_mesh`. The model may be on the meta device (the trainer materializes it
     afterwards, on the sharded parameters).
     """
     check_parallel_dims(parallel_dims, parallelism, training)
-    check_compile_and_ac(compile_config, ac_config)
     mesh = ulysses_mesh(parallel_dims)
     compiled = model_compile_enabled(compile_config)
     apply_activation_checkpointing(model, ac_config, dump_folder)
@@ -191,21 +175,8 @@ def parallelize_llama_ulysses(
     )
     U.parallelize_module(model, mesh, config)
     keep_root_unsharded_after_forward(model)
-    if compiled:
-        skip_attention_call_check(model)
     setattr(model, MESH_ATTRIBUTE, mesh)
     return model
-
-
-def skip_attention_call_check(model: nn.Module) -> None:
-    """Turn off ``parallelize_module``'s after-first-forward check that attention was rewritten.
-
-    The check counts rewritten attention calls on the rewrite mode, a Python side effect that
-    Dynamo does not replay from the per-block compiled graphs, so it would refuse a model whose
-    compiled blocks do run Ulysses attention (their outputs match one process: tested in
-    tests/test_recipes.py). torchtitan's Llama3 attention is SDPA or flex, both rewritten.
-    """
-    model.forward.verified = True
 
 
 def keep_root_unsharded_after_forward(model: nn.Module) -> None:

@@ -105,7 +105,6 @@ def _parallel_dims(dp: int, sp: int, **degrees):
         ({"spmd_backend": "spmd_types"}, "spmd_backend partial_dtensor"),
         ({"mixed_precision_param": "bfloat16"}, "mixed-precision"),
         ({"enable_cpu_offload": True}, "enable_cpu_offload"),
-        ({"compile": True}, "activation checkpointing without compile"),
     ],
 )
 def test_parallelize_fn_refuses_what_it_cannot_do(change, message):
@@ -115,7 +114,6 @@ def test_parallelize_fn_refuses_what_it_cannot_do(change, message):
     config.parallelism.spmd_backend = change.get("spmd_backend", "partial_dtensor")
     config.training.mixed_precision_param = change.get("mixed_precision_param", "float32")
     config.training.enable_cpu_offload = change.get("enable_cpu_offload", False)
-    config.compile.enable = change.get("compile", False)
     dims = _parallel_dims(1, 2, **change.get("dims", {}))
     with pytest.raises(ValueError, match=message):
         R.parallelize_llama_ulysses(
@@ -255,9 +253,11 @@ def test_sdpa_debugmodel_step_matches_one_process(ranks4, dp, sp, ac):
         assert errors["ntokens_seen"] == B * N // sp
 
 
-def test_compiled_blocks_match_one_process(ranks4):
-    """``--compile.enable`` (torchtitan's per-block compile; aot_eager here, 1 layer for time)."""
-    for errors in ranks4.run(_rank_titan_step, "llama3_debugmodel_sdpa", 2, 2, "none", "aot_eager", 1, timeout_s=300):
+@pytest.mark.parametrize("ac", ["none", "full"])
+def test_compiled_blocks_match_one_process(ranks4, ac):
+    """``--compile.enable`` (torchtitan's per-block compile; aot_eager here, 1 layer for time),
+    alone and with torchtitan's full activation checkpointing."""
+    for errors in ranks4.run(_rank_titan_step, "llama3_debugmodel_sdpa", 2, 2, ac, "aot_eager", 1, timeout_s=300):
         assert errors["logits"] <= 1e-5 and errors["loss"] <= 1e-5 and errors["grads"] <= 1e-5, errors
 
 

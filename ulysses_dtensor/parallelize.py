@@ -15,12 +15,14 @@ state-dict keys, and ``torch.compile(model)`` traces through the wrapper.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -163,8 +165,13 @@ class _SequenceParallelForward:
         self.position_buffers = _find_position_buffers(model, config.position_buffers)
         self.is_hf = hf.is_hf_model(model)
         self.verified = False
+        self.model = model
         self.shapes_checked = False
         self.last_attention_calls = 0
+
+    @property
+    def has_compiled_blocks(self) -> bool:
+        return any(isinstance(m, OptimizedModule) or m._compiled_call_impl is not None for m in self.model.modules())
 
     def accepts(self, name: str) -> bool:
         return name in self.params or self.var_kwargs
@@ -183,14 +190,16 @@ class _SequenceParallelForward:
         )
         rewrite.current["mode"] = mode
         try:
-            with mode:
+            with mode, _checkpointed_bodies_enter_rewrite():
                 out = self.original(*args, **kwargs)
         finally:
             for (module, name), table in full.items():
                 module._buffers[name] = table
             rewrite.current.pop("mode", None)
         if not self.verified and not torch.compiler.is_compiling():
-            if mode.attention_calls == 0:
+            # Compiled blocks (torchtitan's per-block compile) rewrite attention while Dynamo traces
+            # them, and their graphs do not replay the mode's call count: nothing to count there.
+            if mode.attention_calls == 0 and not self.has_compiled_blocks:
                 raise RuntimeError(
                     f"parallelize_module: {self.model_name}.forward made no F.scaled_dot_product_attention "
                     "call, so its attention (e.g. a manual softmax(QK^T)) saw only this rank's tokens and "
@@ -296,6 +305,18 @@ class _SequenceParallelForward:
             elif isinstance(value, torch.Tensor) and value.dim() >= 2:
                 named[name] = local_slice(value, self.rank, self.world, seq_len).contiguous()
         return (), named, seq_len, documents
+
+
+def _checkpointed_bodies_enter_rewrite():
+    """Let blocks compiled on their own (torchtitan's per-block compile) re-enter the rewrite mode
+    inside an activation-checkpointed body (``rewrite.UlyssesFunctionMode``): Dynamo refuses
+    any state change inside a checkpoint unless told it need not be replayed at recompute; the
+    mode's push and pop are balanced, so there is nothing to replay."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()  # whole-model compile: the mode is created inside the trace
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
 
 
 HEAD_COUNT_NAMES = ("num_attention_heads", "n_heads", "num_heads", "n_head")

@@ -37,6 +37,9 @@ def reenter_rewrite_on_recompute(blocks: list[nn.Module]) -> None:
         remembered: dict = {}
 
         def forward_in_rewrite(*args, _forward=forward, _remembered=remembered, **kwargs):
+            if torch.compiler.is_compiling():
+                # a compiled checkpoint recomputes from its graph, which holds the rewrite already
+                return _forward(*args, **kwargs)
             mode = rewrite.current.get("mode")
             if mode is not None:  # the forward itself
                 _remembered["mode"] = mode

@@ -12,7 +12,8 @@
   divide factor of 1) gives the single-process gradient.
 
 torch.compile traces through the mode (fullgraph included), so the same rewrite serves eager
-and compiled models.
+and compiled models; under compile, activation-checkpointed bodies re-enter the mode (Dynamo
+traces them from inside this mode's handler, where the mode is off).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint
 
 from .attention import ulysses_attention
 from .hybrid import hybrid_attention
@@ -109,15 +111,26 @@ class UlyssesFunctionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             q, k, v, options = _sdpa_arguments(*args, **kwargs)
-            self.attention_calls += 1
+            if not torch.compiler.is_compiling():  # Python side effects: Dynamo refuses them in checkpoints
+                self.attention_calls += 1
+                self.document_calls += self.documents is not None
             if self.local_attention_only:
                 return func(*args, **kwargs)
             if self.documents is not None:
-                self.document_calls += 1
                 options["documents"] = self.documents
             if self.ring_degree > 1:
                 return hybrid_attention(q, k, v, self.sp_group, ring_degree=self.ring_degree, seq_len=self.seq_len, **options)
             return ulysses_attention(q, k, v, self.sp_group, seq_len=self.seq_len, kernel=self.kernel, **options)
+        if func is checkpoint and torch.compiler.is_compiling():
+            # Dynamo traces the checkpointed body as a higher-order op from inside this handler,
+            # where this mode is off: run the body in the mode again so its attention is rewritten.
+            body, *rest = args
+
+            def body_in_rewrite(*body_args, **body_kwargs):
+                with self:
+                    return body(*body_args, **body_kwargs)
+
+            return func(body_in_rewrite, *rest, **kwargs)
         if func is F.cross_entropy and self.loss_group is not None:
             logits, target, ignore_index, label_smoothing, plain_mean = _cross_entropy_arguments(*args, **kwargs)
             if plain_mean:
