@@ -90,3 +90,22 @@ def test_outputs_written(report, tmp_path):
 def test_unknown_section_is_refused():
     with pytest.raises(ValueError, match="unknown sections"):
         BenchConfig(sections="attention,speed")
+
+
+def _rank_overlap_bound(ctx):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "overlap_bound.py"
+    spec = importlib.util.spec_from_file_location("overlap_bound", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._rank_measure(ctx, [1], 1)
+
+
+def test_overlap_bound_script_measures_every_case(ranks4):
+    """benchmarks/overlap_bound.py's per-rank measurement (smoke: 1 MiB, 1 repetition)."""
+    for rows in ranks4.run(_rank_overlap_bound, world=2, timeout_s=120):
+        (row,) = rows
+        assert row["mib"] == 1 and min(row["comm_ms"], row["compute_ms"], row["overlapped_ms"]) > 0, row
+        assert row["hidden"] < 1 and row["cpu_per_wall_comm"] > 0, row
