@@ -61,3 +61,19 @@ def attention_inputs(case: dict, value_dim: int | None = None):
     v = torch.randn(B, Hkv, N, Dv, generator=gen, dtype=dtype)
     grad_out = torch.randn(B, H, N, Dv, generator=gen, dtype=dtype)
     return gen, q, k, v, grad_out
+
+
+def summed_grad_error(model: torch.nn.Module, reference: torch.nn.Module, group) -> float:
+    """Largest relative error of ``model``'s gradients summed over ``group`` (without FSDP each
+    rank holds its share) against the one-process ``reference``'s; parameter names are matched
+    through checkpoint and compile wrappers."""
+    import torch.distributed as dist
+
+    expected = {name: p.grad for name, p in reference.named_parameters()}
+    errors = []
+    for name, p in model.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad, group=group)
+        plain = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        errors.append(rel_err(grad, expected[plain]))
+    return max(errors)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import rel_err, summed_grad_error
 from test_parallelize import VOCAB, _build, _loss_and_logits, _mesh
 
 LAYERS = {"gpt": 2, "llama": 2, "qwen2": 2}
@@ -169,16 +169,9 @@ def _rank_checkpointed_compile(ctx, kind, how, backend):
     loss, logits = _loss_and_logits(kind, run, tokens, labels)
     loss.backward()
     dynamo.reset()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-    errors = []
-    for name, p in model.named_parameters():
-        grad = p.grad.clone()
-        torch.distributed.all_reduce(grad, group=ctx.group)  # without FSDP each rank holds its share
-        plain = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-        errors.append(rel_err(grad, ref_grads[plain]))
     return {
         "loss": rel_err(loss.detach(), ref_loss.detach()),
-        "grads": max(errors),
+        "grads": summed_grad_error(model, ref, ctx.group),
         "graphs": [(g.kind, g.counts["all_to_all"]) for g in graphs],
     }
 

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import rel_err, summed_grad_error
 from test_parallelize import _build, _loss_and_logits, _mesh
 
 
@@ -35,13 +35,7 @@ def _rank_checkpointed_step(ctx, kind, how, sp, N):
     ref_loss.backward()
     loss, _ = _loss_and_logits(kind, model, tokens, labels)
     loss.backward()
-    ref_grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in ref.named_parameters()}
-    errors = []
-    for name, p in model.named_parameters():
-        grad = p.grad.clone()
-        torch.distributed.all_reduce(grad, group=ctx.group)  # without FSDP each rank holds its share
-        errors.append(rel_err(grad, ref_grads[name.replace("_checkpoint_wrapped_module.", "")]))
-    return max(errors)
+    return summed_grad_error(model, ref, ctx.group)
 
 
 @pytest.mark.parametrize("kind,how", [("gpt", "torch"), ("llama", "hf")])
@@ -49,3 +43,90 @@ def _rank_checkpointed_step(ctx, kind, how, sp, N):
 def test_activation_checkpointing_gradients_match_one_process(ranks4, kind, how, sp, N):
     for err in ranks4.run(_rank_checkpointed_step, kind, how, sp, N, world=sp):
         assert err < 1e-10, err
+
+
+# ---------------------------------------------------------------------------------------------
+# UlyssesConfig(activation_checkpointing=...): the library's own modes
+
+
+def _rank_checkpointing_mode(ctx, kind, mode, N):
+    """One fwd+bwd with the mode vs one process; the all-to-all bytes counted in eager, and the
+    all-to-alls in the graphs torch.compile captures."""
+    import torch._dynamo as dynamo
+
+    import ulysses_dtensor as U
+    from ulysses_dtensor.comm_counter import CollectiveCounter
+    from ulysses_dtensor.compile import counting_backend
+
+    ref = _build(kind, torch.float64)
+    config = U.UlyssesConfig(fsdp=False, activation_checkpointing=mode)
+    model = U.parallelize_module(copy.deepcopy(ref), _mesh(ctx, 1, ctx.world), config)
+    gen = torch.Generator().manual_seed(N)
+    tokens = torch.randint(0, 64, (2, N), generator=gen)
+    labels = torch.randint(0, 64, (2, N), generator=gen)
+    ref_loss, _ = _loss_and_logits(kind, ref, tokens, labels)
+    ref_loss.backward()
+    with CollectiveCounter() as forward:
+        loss, _ = _loss_and_logits(kind, model, tokens, labels)
+    with CollectiveCounter() as backward:
+        loss.backward()
+    grads = summed_grad_error(model, ref, ctx.group)
+    graphs = []
+    dynamo.reset()
+    c_loss, _ = _loss_and_logits(kind, torch.compile(model, backend=counting_backend(graphs), fullgraph=True), tokens, labels)
+    c_loss.backward()
+    dynamo.reset()
+    return {
+        "loss": rel_err(loss.detach(), ref_loss.detach()),
+        "compiled_loss": rel_err(c_loss.detach(), ref_loss.detach()),
+        "grads": grads,
+        "forward_bytes": forward.bytes_sent("all_to_all"),
+        "backward_bytes": backward.bytes_sent("all_to_all"),
+        "graphs": [(g.kind, g.counts["all_to_all"]) for g in graphs],
+    }
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+@pytest.mark.parametrize("sp,N", [(2, 24), (4, 30)])
+def test_checkpointing_modes_exact_and_selective_reruns_no_collective(ranks4, kind, sp, N):
+    """"selective" sends what no checkpointing sends; "full" sends the forward's exchanges again in
+    backward; both exact in float64, eager and compiled."""
+    results = {mode: ranks4.run(_rank_checkpointing_mode, kind, mode, N, world=sp)
+               for mode in ("none", "selective", "full")}
+    layers = 2
+    loss_tol = 1e-10 if kind == "gpt" else 1e-6  # HF computes its loss in float32
+    for mode, per_rank in results.items():
+        for rank, r in enumerate(per_rank):
+            assert r["grads"] < 1e-10 and max(r["loss"], r["compiled_loss"]) < loss_tol, (mode, r)
+            plain = results["none"][rank]
+            assert r["forward_bytes"] == plain["forward_bytes"] > 0, (mode, r)
+            recomputed = plain["forward_bytes"] if mode == "full" else 0
+            assert r["backward_bytes"] == plain["backward_bytes"] + recomputed, (mode, r)
+            backward = {"none": 2, "selective": 2, "full": 4}[mode] * layers
+            assert r["graphs"] == [("forward", 2 * layers), ("backward", backward)], (mode, r["graphs"])
+
+
+def _rank_checkpointing_refusals(ctx):
+    import ulysses_dtensor as U
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    messages = []
+    for mode, prepare in (("partial", None), ("full", "hf"), ("selective", "wrapped")):
+        model = _build("llama" if prepare == "hf" else "gpt", torch.float64)
+        if prepare == "hf":
+            model.gradient_checkpointing_enable()
+        elif prepare == "wrapped":
+            model.layers[0] = checkpoint_wrapper(model.layers[0])
+        try:
+            U.parallelize_module(model, _mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False, activation_checkpointing=mode))
+        except ValueError as e:
+            messages.append(str(e))
+    return messages
+
+
+def test_checkpointing_mode_refusals(ranks4):
+    for messages in ranks4.run(_rank_checkpointing_refusals, world=2):
+        assert len(messages) == 3, messages
+        assert "choose one of" in messages[0]
+        assert "gradient checkpointing enabled" in messages[1]
+        assert "already checkpoint-wrapped" in messages[2]

@@ -104,6 +104,18 @@ def test_reference_reports_minimal_all_to_all_and_counted_bytes(reference):
     assert 0 <= reference["eval_accuracy"] <= 1
 
 
+@pytest.mark.parametrize("mode,all_to_alls", [("selective", 8), ("full", 12)])
+def test_activation_checkpointing_is_exact_and_counts_its_minimum(reference, tmp_path, mode, all_to_alls):
+    """--activation-checkpointing: the reference's losses (float64), and the all-to-all bytes equal
+    the minimum, which for "full" includes the recomputed forward exchanges (selective re-runs none)."""
+    summary = run_train(replace(SMALL, activation_checkpointing=mode, out_dir=str(tmp_path)))
+    want = _losses(reference)
+    assert max(abs(g - w) / abs(w) for g, w in zip(_losses(summary), want)) < 1e-10
+    for r in (r for r in summary["history"] if "bytes_sent" in r):
+        assert r["all_to_all_bytes"] == r["all_to_all_min_bytes"], r
+        assert r["collectives"]["all_to_all"] == all_to_alls  # 2 layers × (2 fwd + 2 bwd [+ 2 recomputed])
+
+
 def test_local_attention_only_sends_no_all_to_all_and_changes_the_result(reference, tmp_path):
     summary = run_train(replace(SMALL, local_attention_only=True, out_dir=str(tmp_path)))
     logged = [r for r in summary["history"] if "bytes_sent" in r]
@@ -176,6 +188,7 @@ def test_cli_refuses_bad_options_before_starting_ranks(tmp_path):
         (["--resume", "--checkpoint-dir", str(tmp_path / "empty")], "no complete checkpoint"),
         (["--dtype", "float16"], "--dtype"),
         (["--curriculum", "abc"], "--curriculum"),
+        (["--activation-checkpointing", "some"], "--activation-checkpointing"),
     ):
         proc = _cli(*args, out=str(tmp_path))
         text, _ = proc.communicate(timeout=60)

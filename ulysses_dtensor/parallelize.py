@@ -7,7 +7,8 @@ The recipe, in order:
    the original forward inside :class:`~ulysses_dtensor.rewrite.UlyssesFunctionMode`, which turns
    every ``F.scaled_dot_product_attention`` into Ulysses attention and every mean cross-entropy
    into the global token-weighted mean;
-3. FSDP2 ``fully_shard`` per transformer block and on the root over all dp × sp ranks.
+3. activation checkpointing of each transformer block, if asked (``checkpointing.py``);
+4. FSDP2 ``fully_shard`` per transformer block and on the root over all dp × sp ranks.
 
 The forward wrapper is an instance attribute, so the model keeps its class, its methods and its
 state-dict keys, and ``torch.compile(model)`` traces through the wrapper.
@@ -27,6 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from . import flex, hf, rewrite, titan
+from .checkpointing import check_mode as check_checkpointing_mode, checkpoint_blocks
 from .compile import enable_comm_overlap
 from .consistency import check_same_input_shapes, check_same_model
 from .documents import Documents
@@ -75,6 +77,11 @@ class UlyssesConfig:
             ``document_ids=`` when given; for Hugging Face models also position resets, as
             transformers itself does in one process; batches without resets keep the plain
             causal path.
+        activation_checkpointing: "none" (default), "selective" or "full", applied to each block
+            (``checkpointing.py``). "selective" keeps what the all-to-alls and the attention kernel
+            returned and recomputes the rest, so backward re-runs no collective; "full" keeps only
+            block inputs and re-runs the forward exchanges. Leave "none" when the model already
+            checkpoints its blocks itself (torch, torchtitan or Hugging Face checkpointing all work).
         ring_degree: the ring factor R of the hybrid (``hybrid.py``): sp = U-way Ulysses × R-way
             ring attention. ``None`` (default): 1 (plain Ulysses) when every sp rank gets a query
             head, else the smallest R with sp / R ≤ heads (:func:`choose_ring_degree`; the head
@@ -93,6 +100,7 @@ class UlyssesConfig:
     local_attention_only: bool = False
     packed_documents: bool | None = None
     ring_degree: int | None = None
+    activation_checkpointing: str = "none"
 
 
 def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig | None = None) -> nn.Module:
@@ -110,13 +118,14 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     """
     config = config or UlyssesConfig()
     check_mesh(mesh)
+    check_checkpointing_mode(config.activation_checkpointing, model)
     _install_attention(model)
     check_same_model(model, dp_sp_mesh(mesh).get_group())
     wrapper = _SequenceParallelForward(model, mesh, config)
     model.forward = wrapper  # instance attribute: nn.Module.__call__ (and its hooks) call it
     if config.compile_overlap:
         enable_comm_overlap()
-    blocks = find_blocks(model, config.block_classes)
+    blocks = checkpoint_blocks(model, find_blocks(model, config.block_classes), config.activation_checkpointing)
     reenter_rewrite_on_recompute(blocks)  # activation checkpointing recomputes inside the rewrite
     if config.fsdp:
         apply_fsdp(model, dp_sp_mesh(mesh), blocks, config.reshard_after_forward)
@@ -177,6 +186,9 @@ class _SequenceParallelForward:
         return name in self.params or self.var_kwargs
 
     def __call__(self, *args, **kwargs):
+        # Read once: after a graph break the rest of this call resumes eagerly, where
+        # is_compiling() is False although the attention calls ran in compiled graphs.
+        compiling = torch.compiler.is_compiling()
         args, kwargs, seq_len, documents = self.shard_inputs(args, kwargs)
         sizes = seq_shard_sizes(seq_len, self.world)
         offset, n_local = seq_shard_offsets(sizes)[self.rank], sizes[self.rank]
@@ -196,17 +208,18 @@ class _SequenceParallelForward:
             for (module, name), table in full.items():
                 module._buffers[name] = table
             rewrite.current.pop("mode", None)
-        if not self.verified and not torch.compiler.is_compiling():
-            # Compiled blocks (torchtitan's per-block compile) rewrite attention while Dynamo traces
-            # them, and their graphs do not replay the mode's call count: nothing to count there.
-            if mode.attention_calls == 0 and not self.has_compiled_blocks:
+        if not self.verified and not compiling:
+            # The mode counts eager calls only (a count in a graph is a side effect: recompiles,
+            # refused in checkpoints). Attention that ran in compiled code — blocks compiled on
+            # their own, or frames of a compiled model after a graph break — is not counted.
+            if mode.attention_calls == 0 and not self.has_compiled_blocks and not _in_compiled_region():
                 raise RuntimeError(
                     f"parallelize_module: {self.model_name}.forward made no F.scaled_dot_product_attention "
                     "call, so its attention (e.g. a manual softmax(QK^T)) saw only this rank's tokens and "
                     "the result is wrong. Use F.scaled_dot_product_attention (HF: attn_implementation='sdpa')"
                 )
             self.verified = True
-        if documents is not None and not self.config.local_attention_only and not torch.compiler.is_compiling():
+        if documents is not None and not self.config.local_attention_only and not compiling:
             missed = mode.attention_calls - mode.document_calls
             if missed:
                 raise RuntimeError(
@@ -215,7 +228,7 @@ class _SequenceParallelForward:
                     "F.scaled_dot_product_attention (flex_attention?) and ignored the documents; build "
                     "their BlockMask with the document mask_mod (docs/packed.md) instead"
                 )
-        if not torch.compiler.is_compiling():
+        if not compiling:
             self.last_attention_calls = mode.attention_calls  # read by compile.explain
         return out
 
@@ -305,6 +318,15 @@ class _SequenceParallelForward:
             elif isinstance(value, torch.Tensor) and value.dim() >= 2:
                 named[name] = local_slice(value, self.rank, self.world, seq_len).contiguous()
         return (), named, seq_len, documents
+
+
+def _in_compiled_region() -> bool:
+    """Whether this eager code runs inside a torch.compile'd call (torch's own test, as in
+    ``torch._dynamo.eval_frame._set_stance``)."""
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+    callback = get_eval_frame_callback()
+    return callback is not None and callback is not False
 
 
 def _checkpointed_bodies_enter_rewrite():

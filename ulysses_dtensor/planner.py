@@ -15,6 +15,7 @@ A small analytic model of *this* package's training step (``parallelize_module``
   ``B·N`` tokens, plus the fp32 logsumexp) — what a flash-style kernel saves, nothing O(N²).
   Activation checkpointing keeps only the block inputs (``full``) or the block inputs and the
   attention tensors (``selective``: neither the attention kernel nor the all-to-all is re-run);
+  both are ``UlyssesConfig(activation_checkpointing=...)`` (``checkpointing.py``);
 * **logits** of the ``T`` tokens (held by the training loop);
 * **backward peak**, the larger of two moments: the loss backward (fp32 log-probabilities saved
   by the cross-entropy and the fp32 gradients of log-probs and logits) and a block backward (the

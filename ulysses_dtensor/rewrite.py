@@ -111,7 +111,7 @@ class UlyssesFunctionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             q, k, v, options = _sdpa_arguments(*args, **kwargs)
-            if not torch.compiler.is_compiling():  # Python side effects: Dynamo refuses them in checkpoints
+            if not torch.compiler.is_compiling():  # no Python side effects in graphs (recompiles, checkpoints)
                 self.attention_calls += 1
                 self.document_calls += self.documents is not None
             if self.local_attention_only:

@@ -24,6 +24,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .comm_counter import CollectiveCounter
 from .data import RetrievalTask, TextTask, step_generator
 from .inputs import IGNORE_INDEX, local_slice
+from .checkpointing import MODES as CHECKPOINTING_MODES
 from .hybrid import hybrid_elements_sent
 from .llama import Llama, llama_config
 from .mesh import init_mesh
@@ -55,6 +56,7 @@ class TrainConfig:
     text: str = _opt("", "train on a local text file / datasets dir instead of the retrieval task")
     eval_batches: int = _opt(16, "held-out batches at seq_len for the final accuracy")
     local_attention_only: bool = _opt(False, "ablation: attention restricted to each rank's shard")
+    activation_checkpointing: str = _opt("none", "none, selective (recompute all but the all-to-alls and the attention kernel) or full")
     checkpoint_dir: str = _opt("", "directory for DCP checkpoints (none if empty)")
     checkpoint_every: int = _opt(0, "steps between checkpoints (0: only at the end)")
     resume: bool = _opt(False, "continue from the latest checkpoint in --checkpoint-dir")
@@ -123,6 +125,8 @@ def check_config(cfg: TrainConfig, task, phases: list[Phase]) -> None:
         raise ValueError(f"--sp and --dp must be >= 1, got sp={cfg.sp}, dp={cfg.dp}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
+    if cfg.activation_checkpointing not in CHECKPOINTING_MODES:
+        raise ValueError(f"--activation-checkpointing must be one of {CHECKPOINTING_MODES}")
     if cfg.resume and not cfg.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir")
     if cfg.resume and latest_checkpoint(cfg.checkpoint_dir) is None:
@@ -154,7 +158,8 @@ def train_rank(cfg: TrainConfig) -> dict:
     model_cfg = llama_config(cfg.model, vocab_size=task.vocab_size, max_seq_len=max(p.seq_len for p in phases))
     torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
     model = Llama(model_cfg).to(device=device, dtype=DTYPES[cfg.dtype])
-    parallelize_module(model, mesh, UlyssesConfig(local_attention_only=cfg.local_attention_only))
+    parallelize_module(model, mesh, UlyssesConfig(local_attention_only=cfg.local_attention_only,
+                                                  activation_checkpointing=cfg.activation_checkpointing))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     history: list[dict] = []
@@ -288,7 +293,8 @@ def _comm_and_memory(counter, model_cfg, phase: Phase, cfg: TrainConfig, sp_rank
         phase.batch // cfg.dp, model_cfg.n_heads, model_cfg.n_kv_heads, phase.seq_len, model_cfg.head_dim, cfg.sp,
         ring, sp_rank,
     )
-    minimum = 0 if cfg.local_attention_only else model_cfg.n_layers * size * sum(sent)
+    recomputed = sent[0] if cfg.activation_checkpointing == "full" else 0  # the forward's exchanges again
+    minimum = 0 if cfg.local_attention_only else model_cfg.n_layers * size * (sum(sent) + recomputed)
     mine = torch.tensor(
         [counter.bytes_sent(), counter.bytes_sent("all_to_all"), minimum, _peak_memory_mib(device)], dtype=torch.float64
     )

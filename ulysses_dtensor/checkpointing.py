@@ -1,0 +1,100 @@
+"""Activation checkpointing of the transformer blocks, with a Ulysses-aware selective mode.
+
+``UlyssesConfig(activation_checkpointing=...)``, the planner's ``--activation-checkpointing``:
+
+* ``"full"``: each block keeps only its input; backward recomputes the block, its all-to-alls
+  included (one more forward exchange per layer, like torchtitan's full AC).
+* ``"selective"``: backward recomputes the block but reuses what the forward got from every
+  all-to-all and from the attention kernel (torch's selective activation checkpointing, with a
+  policy that saves exactly those ops): no collective and no attention kernel runs twice; norms,
+  projections, the exchange's copies and the MLP are recomputed. Kept per layer: the block
+  input, the received q/k/v, the kernel's output and logsumexp, and the output received back.
+
+Both wrap each block in torch's ``checkpoint_wrapper`` (non-reentrant), so they work eagerly and
+under ``torch.compile`` (whole model or per block), and FSDP2 shards the wrapped blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+MODES = ("none", "selective", "full")
+
+
+def _saved_ops() -> frozenset:
+    """The ops whose outputs the selective mode keeps: the all-to-all (Ulysses exchanges and ring
+    hops) and the fused attention kernels SDPA dispatches to on CPU and CUDA."""
+    aten = torch.ops.aten
+    names = (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    ops.add(torch.ops._c10d_functional.all_to_all_single.default)
+    return frozenset(ops)
+
+
+SAVED_OPS = _saved_ops()
+
+
+def save_exchanges_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective-checkpointing policy: keep all-to-all and attention-kernel outputs, recompute
+    everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_context():
+    """``context_fn`` for ``torch.utils.checkpoint`` with :func:`save_exchanges_and_attention`."""
+    return create_selective_checkpoint_contexts(save_exchanges_and_attention)
+
+
+def check_mode(mode: str, model: nn.Module) -> None:
+    """A known mode, and no checkpointing the model already does itself (it would nest)."""
+    if mode not in MODES:
+        raise ValueError(f"activation_checkpointing={mode!r}: choose one of {MODES}")
+    # transformers names it is_activation_checkpointing (is_gradient_checkpointing is deprecated)
+    hf_checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if hf_checkpointing is None:
+        hf_checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if mode != "none" and hf_checkpointing:
+        raise ValueError(
+            f"activation_checkpointing={mode!r} on a model with Hugging Face gradient checkpointing "
+            "enabled: use one of the two (model.gradient_checkpointing_disable())"
+        )
+
+
+def checkpoint_blocks(model: nn.Module, blocks: list[nn.Module], mode: str) -> list[nn.Module]:
+    """Wrap each of ``blocks`` (submodules of ``model``) in ``checkpoint_wrapper`` for ``mode``;
+    returns the blocks as they now sit in the model (the wrappers, or ``blocks`` for "none")."""
+    check_mode(mode, model)
+    if mode == "none":
+        return blocks
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    if any(isinstance(b, CheckpointWrapper) for b in blocks):
+        raise ValueError(
+            f"activation_checkpointing={mode!r}: the model's blocks are already checkpoint-wrapped; "
+            "leave activation_checkpointing='none' to keep your own"
+        )
+    if not blocks:
+        raise ValueError(f"activation_checkpointing={mode!r}: no transformer blocks found (set block_classes)")
+    wanted = {id(b) for b in blocks}
+    options = {"context_fn": selective_context} if mode == "selective" else {}
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, **options),
+        check_fn=lambda m: id(m) in wanted,
+    )
+    wrappers = [m for m in model.modules() if isinstance(m, CheckpointWrapper) and id(m._checkpoint_wrapped_module) in wanted]
+    order = {id(b): i for i, b in enumerate(blocks)}
+    return sorted(wrappers, key=lambda w: order[id(w._checkpoint_wrapped_module)])
