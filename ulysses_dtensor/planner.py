@@ -12,7 +12,9 @@ A small analytic model of *this* package's training step (``parallelize_module``
 * **activations** kept for backward: per layer the ``T`` tokens' tensors in the sequence layout
   (norms, MLP, the attention output after the exchange back) and the attention's tensors in the
   head layout (q, k, v and output of ``H/sp`` query heads and the kv heads they read, over all
-  ``B·N`` tokens, plus the fp32 logsumexp) — what a flash-style kernel saves, nothing O(N²).
+  ``B·N`` tokens, plus the fp32 logsumexp) — what a flash-style kernel saves, nothing O(N²). When
+  sp exceeds the query heads, the hybrid of ``hybrid.py``: ``H/U`` heads over the ``B·N/R`` tokens
+  of the rank's ring block, plus the ring's blocks in flight in the backward workspace.
   Activation checkpointing keeps only the block inputs (``full``) or the block inputs and the
   attention tensors (``selective``: neither the attention kernel nor the all-to-all is re-run);
   both are ``UlyssesConfig(activation_checkpointing=...)`` (``checkpointing.py``);
@@ -41,7 +43,9 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 
+from .hybrid import HybridLayout, choose_ring_degree, hybrid_elements_sent
 from .layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
+from .ring import SCORE_CHUNK_ELEMENTS
 from .llama import FLAVORS, LlamaConfig, llama_config
 
 GIB = 2**30
@@ -177,15 +181,39 @@ def _kernel_kv_heads(q: tuple[int, int], kv: tuple[int, int], group: int) -> int
     return n_q
 
 
-def _rank_shapes(cfg: LlamaConfig, seq_len: int, sp: int, batch: int) -> list[_RankShape]:
+def _rank_shapes(cfg: LlamaConfig, seq_len: int, sp: int, batch: int, ring: int = 1) -> list[_RankShape]:
     sizes = seq_shard_sizes(seq_len, sp)
-    q = head_ranges(cfg.n_heads, sp)
-    kv = kv_head_ranges(q, cfg.n_heads, cfg.n_kv_heads)
     group = cfg.n_heads // cfg.n_kv_heads
-    return [
-        _RankShape(batch * n, n, batch * seq_len, qr[1] - qr[0], kr[1] - kr[0], _kernel_kv_heads(qr, kr, group))
-        for n, qr, kr in zip(sizes, q, kv)
-    ]
+    if ring == 1:
+        q = head_ranges(cfg.n_heads, sp)
+        kv = kv_head_ranges(q, cfg.n_heads, cfg.n_kv_heads)
+        return [
+            _RankShape(batch * n, n, batch * seq_len, qr[1] - qr[0], kr[1] - kr[0], _kernel_kv_heads(qr, kr, group))
+            for n, qr, kr in zip(sizes, q, kv)
+        ]
+    # hybrid: each rank's Ulysses group splits the heads over its U ranks and holds its ring block
+    # of tokens; the ring kernel keeps the received kv heads as they are (no expansion)
+    layout = UlyssesLayout.build(batch, cfg.n_heads, cfg.n_kv_heads, seq_len, cfg.head_dim, sp)
+    hybrid = HybridLayout.build(sp, ring)
+    shapes = []
+    for rank, n in enumerate(sizes):
+        inner = hybrid.exchange_layout(layout, rank)
+        (q0, q1), (k0, k1) = inner.q_ranges[rank], inner.kv_ranges[rank]
+        block = sum(sizes[s] for s in hybrid.shards[hybrid.ring_index(rank)])
+        shapes.append(_RankShape(batch * n, n, batch * block, q1 - q0, k1 - k0, k1 - k0))
+    return shapes
+
+
+def ring_workspace_bytes(cfg: LlamaConfig, r: _RankShape, ring: int, a: int) -> int:
+    """Transient bytes the ring adds to one attention backward: the key/value block being used
+    and the one arriving, the travelling dK/dV of both, and one chunk of score-sized fp32
+    temporaries (at most ``ring.SCORE_CHUNK_ELEMENTS`` elements each; up to seven live at once:
+    the scores, their scaled and masked copies, the probabilities, dP, dP − δ and dS — measured
+    on CPU: about six)."""
+    if ring == 1:
+        return 0
+    kv_block = r.head_tokens * r.kv_heads * 2 * cfg.head_dim * a  # k and v of one ring block
+    return 4 * kv_block + 7 * min(SCORE_CHUNK_ELEMENTS, r.q_heads * r.head_tokens * r.head_tokens) * 4
 
 
 def layer_activation_bytes(cfg: LlamaConfig, r: _RankShape, sp: int, a: int) -> dict[str, int]:
@@ -240,6 +268,7 @@ class Estimate:
     seq_len: int
     dp: int
     sp: int
+    ring_degree: int  # R of the hybrid U-way Ulysses × R-way ring (1: plain Ulysses)
     batch: int  # sequences per data-parallel replica per step
     ac: str
     precision: str
@@ -282,9 +311,9 @@ def estimate(
     out_grad = V * d * a  # the output layer's unsharded weight gradient, from the loss backward on
     blocks_gathered = 2 * block_full * a  # the block being computed and the one prefetched
 
-    layout = UlyssesLayout.build(batch, cfg.n_heads, cfg.n_kv_heads, seq_len, cfg.head_dim, sp)
+    ring = choose_ring_degree(sp, cfg.n_heads)  # what parallelize_module picks
     best, ranks = None, []
-    for i, r in enumerate(_rank_shapes(cfg, seq_len, sp, batch)):
+    for i, r in enumerate(_rank_shapes(cfg, seq_len, sp, batch, ring)):
         parts = layer_activation_bytes(cfg, r, sp, a)
         kept = _kept_per_layer(parts, ac, r.tokens, d, a)
         remat = 0 if ac == "none" else sum(parts.values()) - kept + r.tokens * d * a
@@ -294,7 +323,7 @@ def estimate(
         outer = 2 * ids + _norm_bytes(r.tokens, d, a)
         activations = L * kept + outer
         log_probs = r.tokens * V * 4
-        workspace = attention_workspace_bytes(cfg, r, a)
+        workspace = attention_workspace_bytes(cfg, r, a) + ring_workspace_bytes(cfg, r, ring, a)
         # the two candidate peaks of a step, on top of what is held throughout
         loss_moment = log_probs + r.tokens * V * 8 + out_grad + blocks_gathered  # + fp32 grads of log-probs, logits
         block_moment = out_grad + blocks_gathered + block_full * (a + p.reduce) + remat + workspace
@@ -321,8 +350,8 @@ def estimate(
             "model_state": shard * (p.master + p.grad + p.optim),
             "params_shard": shard,
         }
-        a2a_fwd = L * a * layout.forward_elements_sent(i)
-        a2a_bwd = L * a * layout.backward_elements_sent(i)
+        fwd, bwd = hybrid_elements_sent(batch, cfg.n_heads, cfg.n_kv_heads, seq_len, cfg.head_dim, sp, ring, i)
+        a2a_fwd, a2a_bwd = L * a * fwd, L * a * bwd
         a2a_recompute = a2a_fwd if ac == "full" else 0
         # every rank's collectives move rank 0's (padded) shard size
         gather = 2 * shard * p.gather * (world - 1)  # forward, and backward after reshard_after_forward
@@ -342,7 +371,7 @@ def estimate(
             best = (memory, detail)
     comm_max = {k: max(c[2][k] for c in ranks) for k in ranks[0][2]}
     return Estimate(
-        model=model or f"custom({cfg.dim}x{L})", seq_len=seq_len, dp=dp, sp=sp, batch=batch, ac=ac,
+        model=model or f"custom({cfg.dim}x{L})", seq_len=seq_len, dp=dp, sp=sp, ring_degree=ring, batch=batch, ac=ac,
         precision=p.name, memory=best[0], memory_detail=best[1], comm=comm_max,
         sent_per_sp_rank=[c[2]["total"] for c in ranks],
         all_to_all_per_sp_rank=[sum(v for k, v in c[2].items() if k.startswith("all_to_all")) for c in ranks],
@@ -359,9 +388,9 @@ class PlanError(ValueError):
 
 
 def candidate_sps(cfg: LlamaConfig, gpus: int, seq_len: int) -> list[int]:
-    """sp values the mesh allows: divisors of gpus, at most the query heads (Ulysses splits heads;
-    GQA kv heads are exchanged minimally, so H_kv < sp is fine) and at most the sequence length."""
-    return [s for s in range(1, gpus + 1) if gpus % s == 0 and s <= cfg.n_heads and s <= seq_len]
+    """sp values the mesh allows: divisors of gpus, at most the sequence length. Beyond the query
+    heads sp runs the Ulysses × ring hybrid (GQA kv heads below sp are fine either way)."""
+    return [s for s in range(1, gpus + 1) if gpus % s == 0 and s <= seq_len]
 
 
 def longest_sequence(cfg: LlamaConfig, dp: int, sp: int, budget: int, **kw) -> int:
@@ -444,16 +473,11 @@ def plan(
     sps = candidate_sps(cfg, gpus, n)
     if sp or dp:
         wanted = sp or gpus // dp
-        if wanted > cfg.n_heads:
-            raise ValueError(
-                f"sp={wanted} exceeds the {cfg.n_heads} query heads of {name}: Ulysses splits heads over sp "
-                f"(use sp <= {cfg.n_heads}; sp > heads needs the hybrid Ulysses × ring of a later issue)"
-            )
         if wanted > n:
             raise ValueError(f"sp={wanted} exceeds the sequence length {n}")
         sps = [wanted]
     if not sps:
-        raise ValueError(f"no sp divides --gpus {gpus} within the {cfg.n_heads} heads and {n} tokens")
+        raise ValueError(f"no sp divides --gpus {gpus} within the {n} tokens")
     budget = int((gpu_mem_gib - reserve_gib) * GIB)
     kw = dict(ac=ac, precision=precision, batch=batch, model=name)
     candidates = [estimate(cfg, n, gpus // s, s, **kw) for s in sps]
@@ -485,8 +509,7 @@ def _nothing_fits(cfg, name, n, gpus, gpu_mem_gib, reserve_gib, budget, candidat
             alt = estimate(cfg, n, smallest.dp, smallest.sp, **(kw | {"ac": other}))
             if alt.fits(budget):
                 lines.append(f"  - --activation-checkpointing {other} ({alt.peak / GIB:.1f} GiB at sp={smallest.sp})")
-    max_sp = max(s for s in range(1, cfg.n_heads + 1) if s <= n)
-    if smallest.sp < max_sp:
+    if smallest.sp < n:
         for g in (gpus * 2**k for k in range(1, 8)):
             sps = candidate_sps(cfg, g, n)
             est = [estimate(cfg, n, g // s, s, **kw) for s in sps]
@@ -494,8 +517,6 @@ def _nothing_fits(cfg, name, n, gpus, gpu_mem_gib, reserve_gib, budget, candidat
             if ok:
                 lines.append(f"  - {g} GPUs (dp={ok[0].dp} × sp={ok[0].sp})")
                 break
-    if smallest.sp == cfg.n_heads:
-        lines.append(f"  (sp is capped at the {cfg.n_heads} query heads: longer sequences need sp > heads)")
     return "\n".join(lines)
 
 
@@ -547,6 +568,13 @@ def _tokens(n: int) -> str:
     return str(n)
 
 
+def _hybrid_note(e: Estimate, cfg: LlamaConfig) -> str:
+    if e.ring_degree == 1:
+        return ""
+    return (f"\n        sp > {cfg.n_heads} query heads: hybrid {e.sp // e.ring_degree}-way Ulysses × "
+            f"{e.ring_degree}-way ring attention (docs/hybrid.md)")
+
+
 def format_plan(p: Plan) -> str:
     """The plan as a text table (what ``ulysses-dtensor plan`` prints)."""
     e, cfg = p.chosen, p.config
@@ -563,9 +591,10 @@ def format_plan(p: Plan) -> str:
         f"plan: {p.model} ({cfg.num_params() / 1e9:.2f} B params, {cfg.n_layers} layers, {cfg.n_heads} heads / "
         f"{cfg.n_kv_heads} kv of {cfg.head_dim}), {e.batch} × {e.seq_len:,} tokens per replica, "
         f"{p.gpus} GPUs × {p.gpu_mem_gib:g} GiB, {precision}, activation checkpointing {e.ac}",
-        f"layout: dp={e.dp} × sp={e.sp}  (the smallest sp that fits, then the most dp; sp <= {cfg.n_heads} heads)",
-        f"per GPU: {rank_tokens:,} tokens in the sequence layout; {-(-cfg.n_heads // e.sp)} query head(s) × "
-        f"{e.batch * e.seq_len:,} tokens in the head layout",
+        f"layout: dp={e.dp} × sp={e.sp}  (the smallest sp that fits, then the most dp){_hybrid_note(e, cfg)}",
+        f"per GPU: {rank_tokens:,} tokens in the sequence layout; "
+        f"{-(-cfg.n_heads // (e.sp // e.ring_degree))} query head(s) × "
+        f"{e.batch * -(-e.seq_len // e.ring_degree):,} tokens in the head layout",
         "",
         f"  {'memory per GPU':<{width}}      GiB",
         row(f"parameters (fp32 shard: 1/{e.dp * e.sp})", m["parameters"]),
