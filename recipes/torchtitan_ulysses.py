@@ -158,9 +158,8 @@ def parallelize_llama_ulysses(
     """torchtitan ``parallelize_fn``: activation checkpointing, compile, then Ulysses + FSDP2.
 
     Same signature and order as torchtitan's ``parallelize_llama`` (AC, per-block compile, then
-    FSDP), with torchtitan's context
-    parallelism and FSDP replaced by ``ulysses_dtensor.parallelize_module`` over the (dp, sp) mesh
-    of :func:`ulysses_mesh`. The model may be on the meta device (the trainer materializes it
+    FSDP), with torchtitan's context parallelism and FSDP replaced by
+    ``ulysses_dtensor.parallelize_module`` over the (dp, sp) mesh of :func:`ulysses_mesh`. The model may be on the meta device (the trainer materializes it
     afterwards, on the sharded parameters).
     """
     check_parallel_dims(parallel_dims, parallelism, training)
