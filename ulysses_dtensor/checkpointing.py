@@ -95,6 +95,5 @@ def checkpoint_blocks(model: nn.Module, blocks: list[nn.Module], mode: str) -> l
         checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, **options),
         check_fn=lambda m: id(m) in wanted,
     )
-    wrappers = [m for m in model.modules() if isinstance(m, CheckpointWrapper) and id(m._checkpoint_wrapped_module) in wanted]
-    order = {id(b): i for i, b in enumerate(blocks)}
-    return sorted(wrappers, key=lambda w: order[id(w._checkpoint_wrapped_module)])
+    wrapper_of = {id(m._checkpoint_wrapped_module): m for m in model.modules() if isinstance(m, CheckpointWrapper)}
+    return [wrapper_of[id(b)] for b in blocks]

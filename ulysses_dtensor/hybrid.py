@@ -109,6 +109,10 @@ class HybridLayout:
             q_ranges[r], kv_ranges[r], sizes[r] = inner.q_ranges[place], inner.kv_ranges[place], layout.seq_sizes[r]
         return dataclasses.replace(inner, seq_sizes=tuple(sizes), q_ranges=tuple(q_ranges), kv_ranges=tuple(kv_ranges))
 
+    def block_tokens(self, layout: UlyssesLayout) -> list[int]:
+        """Tokens of each ring block (its Ulysses group's sp shards), by ring index."""
+        return [sum(layout.seq_sizes[s] for s in group) for group in self.shards]
+
     def spans(self, layout: UlyssesLayout) -> tuple[tuple[tuple[int, int], ...], ...]:
         """Per ring index, the ``[start, stop)`` global position ranges of its group's tokens, in
         sp-rank (so increasing) order."""
@@ -221,7 +225,7 @@ def hybrid_elements_sent(
     fwd, bwd = inner.forward_elements_sent(sp_rank), inner.backward_elements_sent(sp_rank)
     if inner.q_ranges[sp_rank][1] > inner.q_ranges[sp_rank][0]:
         kv = inner.kv_ranges[sp_rank][1] - inner.kv_ranges[sp_rank][0]
-        tokens = [sum(layout.seq_sizes[s] for s in group) for group in hybrid.shards]
+        tokens = hybrid.block_tokens(layout)
         index = hybrid.ring_index(sp_rank)
         held = [tokens[(index - step) % ring_degree] for step in range(ring_degree)]
         block = [batch * kv * n * (head_dim + value_dim) for n in held]

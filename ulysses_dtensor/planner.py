@@ -195,11 +195,12 @@ def _rank_shapes(cfg: LlamaConfig, seq_len: int, sp: int, batch: int, ring: int 
     # of tokens; the ring kernel keeps the received kv heads as they are (no expansion)
     layout = UlyssesLayout.build(batch, cfg.n_heads, cfg.n_kv_heads, seq_len, cfg.head_dim, sp)
     hybrid = HybridLayout.build(sp, ring)
+    blocks = hybrid.block_tokens(layout)
     shapes = []
     for rank, n in enumerate(sizes):
         inner = hybrid.exchange_layout(layout, rank)
         (q0, q1), (k0, k1) = inner.q_ranges[rank], inner.kv_ranges[rank]
-        block = sum(sizes[s] for s in hybrid.shards[hybrid.ring_index(rank)])
+        block = blocks[hybrid.ring_index(rank)]
         shapes.append(_RankShape(batch * n, n, batch * block, q1 - q0, k1 - k0, k1 - k0))
     return shapes
 
