@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ulysses_dtensor.llama import Llama as GPT, LlamaConfig as GPTConfig  # noqa: E402
+from ulysses_dtensor.bench.measure import pin_to_core  # noqa: E402
 from ulysses_dtensor.launch import RankGroup  # noqa: E402
 
 
@@ -63,10 +64,7 @@ def _rank_bench(ctx, args: dict) -> dict:
     import torch._inductor.config as inductor_config
 
     inductor_config.cpp.enable_kernel_profile = True  # each generated kernel shows in the profile
-    if hasattr(os, "sched_setaffinity") and os.cpu_count():
-        # one core per rank: two ranks sharing two cores otherwise skew each other, and the skew
-        # shows up as "wait" time that is not communication
-        os.sched_setaffinity(0, {ctx.rank % os.cpu_count()})
+    pin_to_core(ctx.rank)
     mesh = DeviceMesh.from_group(ctx.group, "cpu", mesh_dim_names=("sp",))
     results = {}
     for mode in ("eager", "compiled"):

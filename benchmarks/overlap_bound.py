@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ulysses_dtensor.bench.measure import pin_to_core, unpin  # noqa: E402
 from ulysses_dtensor.launch import RankGroup  # noqa: E402
 
 MiB = 1 << 20
@@ -44,16 +44,13 @@ def _matmul_loop(a: torch.Tensor, repeats: int) -> None:
 
 
 def _rank_measure(ctx, sizes_mib: list[int], reps: int) -> list[dict]:
-    pinned = hasattr(os, "sched_setaffinity") and os.cpu_count()
-    cores, threads = (os.sched_getaffinity(0) if pinned else None), torch.get_num_threads()
-    if pinned:
-        os.sched_setaffinity(0, {ctx.rank % os.cpu_count()})
+    threads = torch.get_num_threads()
+    pin_to_core(ctx.rank)
     torch.set_num_threads(1)
     try:
         return _measure(ctx, sizes_mib, reps)
     finally:  # a test's rank group runs other work afterwards
-        if pinned:
-            os.sched_setaffinity(0, cores)
+        unpin()
         torch.set_num_threads(threads)
 
 

@@ -45,8 +45,8 @@ from dataclasses import asdict, dataclass, field
 
 from .hybrid import HybridLayout, choose_ring_degree, hybrid_elements_sent
 from .layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
-from .ring import SCORE_CHUNK_ELEMENTS
 from .llama import FLAVORS, LlamaConfig, llama_config
+from .ring import SCORE_CHUNK_ELEMENTS
 
 GIB = 2**30
 AC_MODES = ("none", "selective", "full")

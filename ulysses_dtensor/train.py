@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import MODES as CHECKPOINTING_MODES
 from .comm_counter import CollectiveCounter
 from .data import RetrievalTask, TextTask, step_generator
-from .inputs import IGNORE_INDEX, local_slice
-from .checkpointing import MODES as CHECKPOINTING_MODES
 from .hybrid import hybrid_elements_sent
+from .inputs import IGNORE_INDEX, local_slice
 from .llama import Llama, llama_config
 from .mesh import init_mesh
 from .parallelize import UlyssesConfig, parallelize_module
