@@ -36,12 +36,17 @@ from ulysses_dtensor.llama import Llama as GPT, LlamaConfig as GPTConfig  # noqa
 from ulysses_dtensor.bench.measure import pin_to_core  # noqa: E402
 from ulysses_dtensor.launch import RankGroup  # noqa: E402
 
+# compiled: Inductor with its scheduler overlap passes (the default); compiled_fx_pass: plus our
+# post-grad overlap pass (UlyssesConfig(compile_overlap="fx_pass"))
+MODES = ("eager", "compiled", "compiled_fx_pass")
+
 
 def _profile_breakdown(prof, compiled: bool) -> dict[str, float]:
     """Milliseconds per category from one profiled step (this rank's main thread)."""
-    out = {"exchange_ms": 0.0, "collective_ms": 0.0, "wait_ms": 0.0, "layout_kernels_ms": 0.0}
-    for event in prof.key_averages():
+    out = {"exchange_ms": 0.0, "collective_ms": 0.0, "wait_ms": 0.0, "layout_kernels_ms": 0.0, "loss_wait_ms": 0.0}
+    for event in prof.key_averages(group_by_input_shape=True):
         name = event.key
+        scalar = event.input_shapes in ([[]], [])
         if name.startswith("ulysses_dtensor::"):
             out["exchange_ms"] += event.cpu_time_total / 1e3
         elif compiled and "cpp_fused" in name:  # Inductor kernels (some carry "all_to_all" in their name)
@@ -49,6 +54,8 @@ def _profile_breakdown(prof, compiled: bool) -> dict[str, float]:
                 out["layout_kernels_ms"] += event.self_cpu_time_total / 1e3
         elif "all_to_all" in name or "alltoall" in name:
             out["collective_ms"] += event.self_cpu_time_total / 1e3
+        elif "wait_tensor" in name and scalar:  # the loss's all-reduces: not Ulysses (eager leaves them out too)
+            out["loss_wait_ms"] += event.self_cpu_time_total / 1e3
         elif "wait_tensor" in name:
             out["wait_ms"] += event.self_cpu_time_total / 1e3
     out["sp_overhead_ms"] = (
@@ -66,13 +73,15 @@ def _rank_bench(ctx, args: dict) -> dict:
     inductor_config.cpp.enable_kernel_profile = True  # each generated kernel shows in the profile
     pin_to_core(ctx.rank)
     mesh = DeviceMesh.from_group(ctx.group, "cpu", mesh_dim_names=("sp",))
-    results = {}
-    for mode in ("eager", "compiled"):
+    results = {"modes": args["modes"]}
+    for mode in args["modes"]:
         torch.manual_seed(0)
+        torch._dynamo.reset()
         cfg = GPTConfig(vocab_size=256, max_seq_len=args["seq_len"], dim=args["dim"], n_layers=args["layers"],
                         n_heads=args["heads"], n_kv_heads=args["kv_heads"])
-        model = U.parallelize_module(GPT(cfg), mesh, U.UlyssesConfig(fsdp=False))
-        run = torch.compile(model) if mode == "compiled" else model
+        overlap = "fx_pass" if mode == "compiled_fx_pass" else "inductor"
+        model = U.parallelize_module(GPT(cfg), mesh, U.UlyssesConfig(fsdp=False, compile_overlap=overlap))
+        run = model if mode == "eager" else torch.compile(model)
         gen = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, 256, (1, args["seq_len"]), generator=gen)
         targets = torch.randint(0, 256, (1, args["seq_len"]), generator=gen)
@@ -90,14 +99,14 @@ def _rank_bench(ctx, args: dict) -> dict:
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(args["steps"]):
                 step()
         results[mode] = {
             "step_ms_median": statistics.median(times) * 1e3,
             "step_ms_all": [t * 1e3 for t in times],
             "warmup_s": warmup_s,
-            **{k: v / args["steps"] for k, v in _profile_breakdown(prof, compiled=mode == "compiled").items()},
+            **{k: v / args["steps"] for k, v in _profile_breakdown(prof, compiled=mode != "eager").items()},
         }
         if ctx.rank == 0 and mode == "compiled":
             top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
@@ -116,12 +125,12 @@ def _plot(per_rank: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels, overhead, rest = [], [], []
-    for mode in ("eager", "compiled"):
+    for mode in per_rank[0]["modes"]:
         for rank, r in enumerate(per_rank):
             labels.append(f"{mode}\nrank {rank}")
             overhead.append(r[mode]["sp_overhead_ms"])
             rest.append(max(r[mode]["step_ms_median"] - r[mode]["sp_overhead_ms"], 0.0))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.bar(labels, overhead, label="SP overhead (exchange copies, all-to-all, wait)", color="tab:red")
     ax.bar(labels, rest, bottom=overhead, label="everything else", color="tab:blue", alpha=0.6)
     ax.set_ylabel("ms per step (median)")
@@ -142,34 +151,46 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = vars(parser.parse_args())
+    args["modes"] = [m for m in args["modes"].split(",") if m]
+    unknown = set(args["modes"]) - set(MODES)
+    if unknown:
+        parser.error(f"unknown modes {sorted(unknown)}; expected some of {MODES}")
     print(f"compile_overhead: {args}", flush=True)
     with RankGroup(args["sp"], call_timeout_s=3600) as ranks:
         per_rank = ranks.run(_rank_bench, {k: v for k, v in args.items() if k != "out"})
+    modes = per_rank[0]["modes"]
     # per-step figures, averaged over the ranks (the step time is the slowest rank's)
     summary = {
         mode: {
             k: (max if k == "step_ms_median" else statistics.mean)(r[mode][k] for r in per_rank)
             for k in per_rank[0][mode] if k != "step_ms_all"
         }
-        for mode in ("eager", "compiled")
+        for mode in modes
     }
     report = {"config": {k: v for k, v in args.items() if k != "out"}, "per_rank": per_rank, "slowest_rank": summary}
     args["out"].mkdir(parents=True, exist_ok=True)
     (args["out"] / "compile_overhead.json").write_text(json.dumps(report, indent=2))
-    e, c = summary["eager"], summary["compiled"]
+    e = summary["eager"] if "eager" in summary else None
     lines = [
         f"# Eager vs compiled, GPT N={args['seq_len']}, sp={args['sp']} (ms per step; step: slowest rank, rest: mean over ranks)",
         "",
-        "| | step (median) | SP overhead | in all-to-all | in wait | layout kernels |",
-        "|---|---|---|---|---|---|",
-        f"| eager | {e['step_ms_median']:.0f} | {e['sp_overhead_ms']:.1f} | {e['collective_ms']:.1f} | {e['wait_ms']:.1f} | (in overhead) |",
-        f"| compiled | {c['step_ms_median']:.0f} | {c['sp_overhead_ms']:.1f} | {c['collective_ms']:.1f} | {c['wait_ms']:.1f} | {c['layout_kernels_ms']:.1f} |",
-        "",
-        f"compiled / eager step: {c['step_ms_median'] / e['step_ms_median']:.2f}; "
-        f"compiled / eager SP overhead: {c['sp_overhead_ms'] / max(e['sp_overhead_ms'], 1e-9):.2f}",
+        "| | step (median) | SP overhead | in all-to-all | in all-to-all wait | layout kernels | loss all-reduce wait (not SP overhead) |",
+        "|---|---|---|---|---|---|---|",
     ]
+    for mode in modes:
+        m = summary[mode]
+        layout = "(in overhead)" if mode == "eager" else f"{m['layout_kernels_ms']:.1f}"
+        lines.append(f"| {mode} | {m['step_ms_median']:.0f} | {m['sp_overhead_ms']:.1f} | {m['collective_ms']:.1f} | "
+                     f"{m['wait_ms']:.1f} | {layout} | {m['loss_wait_ms']:.1f} |")
+    lines.append("")
+    for mode in modes:
+        if mode != "eager" and e is not None:
+            m = summary[mode]
+            lines.append(f"{mode} / eager: step {m['step_ms_median'] / e['step_ms_median']:.2f}, "
+                         f"SP overhead {m['sp_overhead_ms'] / max(e['sp_overhead_ms'], 1e-9):.2f}  ")
     (args["out"] / "compile_overhead.md").write_text("\n".join(lines) + "\n")
     _plot(per_rank, args["out"] / "compile_overhead.png")
     print("\n".join(lines))

@@ -196,3 +196,127 @@ def test_compile_with_activation_checkpointing_inductor(ranks4):
     """The same through Inductor (fullgraph, whole model), float64."""
     for r in ranks4.run(_rank_checkpointed_compile, "gpt", "whole", "inductor", world=2, timeout_s=900):
         assert max(r["loss"], r["grads"]) <= 1e-10, r
+
+
+def _between_issue_and_wait(graph) -> list[int]:
+    """Per all-to-all of ``graph``: the matmuls placed between its issue and its wait."""
+    nodes = list(graph.nodes)
+    found = []
+    for i, node in enumerate(nodes):
+        if "all_to_all_single" in str(node.target):
+            wait = next(u for u in node.users if "wait_tensor" in str(u.target))
+            found.append(sum(1 for n in nodes[i + 1:nodes.index(wait)] if n.target is torch.ops.aten.mm.default))
+    return found
+
+
+def _rank_overlap_pass_aot(ctx):
+    """The overlap pass applied to the forward and backward graphs AOT autograd hands a backend
+    (no Inductor): the reordered graphs run and match one process."""
+    import copy
+
+    import torch._dynamo as dynamo
+    from torch._dynamo.backends.common import aot_autograd
+
+    import ulysses_dtensor as U
+    from ulysses_dtensor.overlap_pass import issue_collectives_early, peak_live_bytes
+
+    seen = []
+
+    def reorder(gm, example_inputs):
+        before = peak_live_bytes(gm.graph)
+        stats = issue_collectives_early(gm.graph)
+        gm.graph.lint()
+        gm.recompile()
+        seen.append({"stats": stats, "peak_grew": peak_live_bytes(gm.graph) > before,
+                     "matmuls_in_flight": _between_issue_and_wait(gm.graph)})
+        return gm.forward
+
+    N = 6 * ctx.world + 1
+    ref = _build("gpt", torch.float64)
+    model = U.parallelize_module(copy.deepcopy(ref), _mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False))
+    gen = torch.Generator().manual_seed(N)
+    tokens = torch.randint(0, VOCAB, (2, N), generator=gen)
+    labels = torch.randint(0, VOCAB, (2, N), generator=gen)
+    ref_loss, _ = _loss_and_logits("gpt", ref, tokens, labels)
+    ref_loss.backward()
+    dynamo.reset()
+    run = torch.compile(model, backend=aot_autograd(fw_compiler=reorder, bw_compiler=reorder), fullgraph=True)
+    loss, _ = _loss_and_logits("gpt", run, tokens, labels)
+    loss.backward()
+    dynamo.reset()
+    return {"loss": rel_err(loss.detach(), ref_loss.detach()), "grads": summed_grad_error(model, ref, ctx.group),
+            "graphs": seen}
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+def test_overlap_pass_reorders_and_keeps_results(ranks4, sp):
+    """In the backward the output-gradient exchange needs only the projection's input gradient:
+    the pass issues it before the weight-gradient matmuls, which then run during the transfer,
+    without raising the graph's peak live bytes."""
+    for r in ranks4.run(_rank_overlap_pass_aot, world=sp, timeout_s=900):
+        assert max(r["loss"], r["grads"]) <= 1e-10, r
+        forward, backward = r["graphs"]
+        assert not forward["peak_grew"] and not backward["peak_grew"], r["graphs"]
+        assert backward["stats"].collectives == 2 * LAYERS["gpt"], backward
+        assert backward["stats"].moved_nodes > 0 and any(backward["matmuls_in_flight"]), backward
+
+
+def _rank_overlap_pass_inductor(ctx):
+    """UlyssesConfig(compile_overlap="fx_pass") through Inductor: the pass runs inside Inductor's
+    post-grad passes and pins the moved matmuls with ordering edges."""
+    import copy
+
+    import torch._dynamo as dynamo
+    import torch._inductor.config as inductor_config
+
+    import ulysses_dtensor as U
+    from ulysses_dtensor.compile import enable_comm_overlap
+    from ulysses_dtensor.overlap_pass import IssueCollectivesEarly
+
+    N = 6 * ctx.world + 1
+    ref = _build("gpt", torch.float64)
+    try:
+        model = U.parallelize_module(copy.deepcopy(ref), _mesh(ctx, 1, ctx.world),
+                                     U.UlyssesConfig(fsdp=False, compile_overlap="fx_pass"))
+        installed = isinstance(inductor_config.post_grad_custom_post_pass, IssueCollectivesEarly)
+        gen = torch.Generator().manual_seed(N)
+        tokens = torch.randint(0, VOCAB, (2, N), generator=gen)
+        labels = torch.randint(0, VOCAB, (2, N), generator=gen)
+        ref_loss, _ = _loss_and_logits("gpt", ref, tokens, labels)
+        ref_loss.backward()
+        dynamo.reset()
+        IssueCollectivesEarly.last_stats.clear()
+        with inductor_config.patch(fx_graph_cache=False):
+            loss, _ = _loss_and_logits("gpt", torch.compile(model, fullgraph=True), tokens, labels)
+            loss.backward()
+        stats = list(IssueCollectivesEarly.last_stats)
+    finally:
+        dynamo.reset()
+        enable_comm_overlap("inductor")  # a process-wide setting: back to the default for later tests
+    return {"installed": installed, "removed": inductor_config.post_grad_custom_post_pass is None,
+            "loss": rel_err(loss.detach(), ref_loss.detach()), "grads": summed_grad_error(model, ref, ctx.group),
+            "stats": stats}
+
+
+def test_overlap_pass_through_inductor(ranks4):
+    for r in ranks4.run(_rank_overlap_pass_inductor, world=2, timeout_s=900):
+        assert r["installed"] and r["removed"], r
+        assert max(r["loss"], r["grads"]) <= 1e-10, r
+        forward, backward = r["stats"]
+        assert backward.moved_nodes > 0 and backward.pinned > 0, r["stats"]
+
+
+def _rank_compile_overlap_refusal(ctx):
+    import ulysses_dtensor as U
+
+    try:
+        U.parallelize_module(_build("gpt", torch.float64), _mesh(ctx, 1, ctx.world),
+                             U.UlyssesConfig(fsdp=False, compile_overlap="always"))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_compile_overlap_mode_refused(ranks4):
+    for message in ranks4.run(_rank_compile_overlap_refusal, world=2):
+        assert message is not None and "UlyssesConfig.compile_overlap=" in message, message

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from . import overlap_pass
 from .comm_counter import COLLECTIVE_KINDS
 
 # Inductor's scheduler passes that move each collective as early as its inputs allow and each
@@ -30,17 +31,33 @@ OVERLAP_OPTIONS = {
 }
 
 
-def enable_comm_overlap() -> None:
-    """Turn on Inductor's compute/communication overlap passes for every later compile.
+COMPILE_OVERLAP_MODES = ("inductor", "fx_pass", "off")
 
-    ``parallelize_module`` calls it (``UlyssesConfig.compile_overlap``), so a plain
-    ``torch.compile(model)`` of a parallelized model gets them; graphs without collectives are
-    unaffected (the passes only move collectives and waits).
+
+def check_compile_overlap(mode: str) -> None:
+    if mode not in COMPILE_OVERLAP_MODES:
+        raise ValueError(f"UlyssesConfig.compile_overlap={mode!r}: expected one of {COMPILE_OVERLAP_MODES}")
+
+
+def enable_comm_overlap(mode: str = "inductor") -> None:
+    """Set compute/communication overlap for every later Inductor compile (a process-wide setting).
+
+    "inductor": Inductor's scheduler passes (``OVERLAP_OPTIONS``). "fx_pass": those plus our
+    post-grad pass (``overlap_pass``: each collective issued before the compute that does not need
+    it, peak memory kept). "off": Inductor's configuration is left as it is. ``parallelize_module``
+    calls it with ``UlyssesConfig.compile_overlap``; graphs without collectives are unaffected.
     """
     import torch._inductor.config as inductor_config
 
+    check_compile_overlap(mode)
+    if mode == "off":
+        return
     for key, value in OVERLAP_OPTIONS.items():
         setattr(inductor_config, key, value)
+    if mode == "fx_pass":
+        overlap_pass.install()
+    else:
+        overlap_pass.uninstall()
 
 
 @dataclass

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from . import flex, hf, rewrite, titan
 from .checkpointing import check_mode as check_checkpointing_mode, checkpoint_blocks
-from .compile import enable_comm_overlap
+from .compile import check_compile_overlap, enable_comm_overlap
 from .consistency import check_same_input_shapes, check_same_model
 from .documents import Documents
 from .fsdp import apply_fsdp, find_blocks
@@ -63,8 +63,11 @@ class UlyssesConfig:
         position_buffers: names of buffers indexed by position (RoPE tables sliced ``[:N]``);
             each rank sees the rows of its global positions. Default: buffers named ``*freqs_cis``.
         ignore_index: label value excluded from the loss.
-        compile_overlap: enable Inductor's compute/communication overlap passes for later
-            ``torch.compile`` calls (``compile.enable_comm_overlap``).
+        compile_overlap: compute/communication overlap for later ``torch.compile`` calls
+            (``compile.enable_comm_overlap``): "inductor" (default) turns on Inductor's scheduler
+            passes; "fx_pass" adds our post-grad graph pass (``overlap_pass.py``), which also moves
+            independent matmuls between each collective and its wait; "off" leaves Inductor's
+            configuration alone. docs/compile.md has what each measured.
         local_attention_only: ablation: attention sees only each rank's own N/P tokens (no
             all-to-all). Wrong for real training; ``ulysses-dtensor train`` uses it to show that
             its task needs attention across shards.
@@ -96,7 +99,7 @@ class UlyssesConfig:
     rewrite_loss: bool = True
     position_buffers: tuple[str, ...] | None = None
     ignore_index: int = IGNORE_INDEX
-    compile_overlap: bool = True
+    compile_overlap: str = "inductor"
     local_attention_only: bool = False
     packed_documents: bool | None = None
     ring_degree: int | None = None
@@ -119,12 +122,12 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     config = config or UlyssesConfig()
     check_mesh(mesh)
     check_checkpointing_mode(config.activation_checkpointing, model)
+    check_compile_overlap(config.compile_overlap)
     _install_attention(model)
     check_same_model(model, dp_sp_mesh(mesh).get_group())
     wrapper = _SequenceParallelForward(model, mesh, config)
     model.forward = wrapper  # instance attribute: nn.Module.__call__ (and its hooks) call it
-    if config.compile_overlap:
-        enable_comm_overlap()
+    enable_comm_overlap(config.compile_overlap)
     blocks = checkpoint_blocks(model, find_blocks(model, config.block_classes), config.activation_checkpointing)
     reenter_rewrite_on_recompute(blocks)  # activation checkpointing recomputes inside the rewrite
     if config.fsdp:
