@@ -2,16 +2,20 @@
 
     python benchmarks/compile_overhead.py --seq-len 8192 --sp 2 --steps 5
 
-Each of ``sp`` local gloo ranks (1 thread each) trains ``ulysses_dtensor/llama.py`` (forward + backward,
-float32, FSDP off so only Ulysses communicates) on its N/sp tokens. For eager and for
-``torch.compile`` (Inductor, with the overlap passes parallelize_module enables) it reports the
-median step time over ``--steps`` steps, and ``--steps`` profiled steps the time per step in the
-sequence-parallel machinery (each rank pinned to its own core):
+Each of ``sp`` local gloo ranks (1 thread each, pinned to its own core) trains
+``ulysses_dtensor/llama.py`` (forward + backward, float32, FSDP off so only Ulysses communicates)
+on its N/sp tokens, in each mode of ``--modes``: eager; compiled (Inductor with its scheduler
+overlap passes, the default); compiled_fx_pass (plus our post-grad overlap pass,
+``UlyssesConfig(compile_overlap="fx_pass")``). Per mode: the median step time over ``--steps``
+steps and, over ``--steps`` profiled steps, the time per step in the sequence-parallel machinery:
 
 * eager: the ``ulysses_dtensor::seq_to_head`` / ``head_to_seq`` ranges (pack copies, all-to-all,
   wait, unpack copies) — the whole overhead;
-* compiled: the all-to-all and wait ops, plus the Inductor kernels that write or read the
+* compiled: the all-to-all and its waits, plus the Inductor kernels that write or read the
   exchange buffers (their names carry ``cat`` / ``slice_scatter`` / ``copy``).
+
+The waits of the loss's two scalar all-reduces are reported apart, in both modes: they are not
+Ulysses machinery (eager's ranges never contained them), and they absorb the skew between ranks.
 
 Writes JSON, markdown and a PNG (step time split into SP overhead and the rest, per mode and
 rank) to ``benchmarks/results/``.
