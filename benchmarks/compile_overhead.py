@@ -7,7 +7,8 @@ Each of ``sp`` local gloo ranks (1 thread each, pinned to its own core) trains
 on its N/sp tokens, in each mode of ``--modes``: eager; compiled (Inductor with its scheduler
 overlap passes, the default); compiled_fx_pass (plus our post-grad overlap pass,
 ``UlyssesConfig(compile_overlap="fx_pass")``). Per mode: the median step time over ``--steps``
-steps and, over ``--steps`` profiled steps, the time per step in the sequence-parallel machinery:
+steps and, over ``--steps`` profiled steps, the time per step in the sequence-parallel machinery,
+each the median over ``--rounds`` rounds (every round runs every mode, starting mode rotated):
 
 * eager: the ``ulysses_dtensor::seq_to_head`` / ``head_to_seq`` ranges (pack copies, all-to-all,
   wait, unpack copies) — the whole overhead;
@@ -69,6 +70,7 @@ def _profile_breakdown(prof, compiled: bool) -> dict[str, float]:
 
 
 def _rank_bench(ctx, args: dict) -> dict:
+    import torch.distributed as dist
     import ulysses_dtensor as U
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -77,44 +79,54 @@ def _rank_bench(ctx, args: dict) -> dict:
     inductor_config.cpp.enable_kernel_profile = True  # each generated kernel shows in the profile
     pin_to_core(ctx.rank)
     mesh = DeviceMesh.from_group(ctx.group, "cpu", mesh_dim_names=("sp",))
-    results = {"modes": args["modes"]}
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 256, (1, args["seq_len"]), generator=gen)
+    targets = torch.randint(0, 256, (1, args["seq_len"]), generator=gen)
+    steps, warmup_s = {}, {}
     for mode in args["modes"]:
         torch.manual_seed(0)
-        torch._dynamo.reset()
         cfg = GPTConfig(vocab_size=256, max_seq_len=args["seq_len"], dim=args["dim"], n_layers=args["layers"],
                         n_heads=args["heads"], n_kv_heads=args["kv_heads"])
         overlap = "fx_pass" if mode == "compiled_fx_pass" else "inductor"
+        # the overlap setting is process-wide and read when Inductor compiles: warm up right away
         model = U.parallelize_module(GPT(cfg), mesh, U.UlyssesConfig(fsdp=False, compile_overlap=overlap))
         run = model if mode == "eager" else torch.compile(model)
-        gen = torch.Generator().manual_seed(1)
-        tokens = torch.randint(0, 256, (1, args["seq_len"]), generator=gen)
-        targets = torch.randint(0, 256, (1, args["seq_len"]), generator=gen)
 
-        def step():
+        def step(run=run):
             _, loss = run(tokens, targets)
             loss.backward()
 
         t0 = time.perf_counter()
         for _ in range(2):  # warm-up (and compile)
             step()
-        warmup_s = time.perf_counter() - t0
-        times = []
-        for _ in range(args["steps"]):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        warmup_s[mode], steps[mode] = time.perf_counter() - t0, step
+    # Rounds over the modes, the starting mode rotated each round: slow drifts of this shared
+    # machine hit every mode alike. Each figure is the median over rounds.
+    rounds: dict[str, list[dict]] = {mode: [] for mode in args["modes"]}
+    modes = list(args["modes"])
+    for r in range(args["rounds"]):
+        for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+            dist.barrier(ctx.group)
+            times = []
             for _ in range(args["steps"]):
-                step()
-        results[mode] = {
-            "step_ms_median": statistics.median(times) * 1e3,
-            "step_ms_all": [t * 1e3 for t in times],
-            "warmup_s": warmup_s,
-            **{k: v / args["steps"] for k, v in _profile_breakdown(prof, compiled=mode != "eager").items()},
-        }
-        if ctx.rank == 0 and mode == "compiled":
-            top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
-            results["compiled_top_events"] = [(e.key, round(e.self_cpu_time_total / 1e3, 2)) for e in top]
+                t0 = time.perf_counter()
+                steps[mode]()
+                times.append(time.perf_counter() - t0)
+            dist.barrier(ctx.group)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(args["steps"]):
+                    steps[mode]()
+            breakdown = _profile_breakdown(prof, compiled=mode != "eager")
+            rounds[mode].append({"step_ms_median": statistics.median(times) * 1e3,
+                                 **{k: v / args["steps"] for k, v in breakdown.items()}})
+            if ctx.rank == 0 and mode == "compiled":
+                top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+                rounds["compiled_top_events"] = [(e.key, round(e.self_cpu_time_total / 1e3 / args["steps"], 2)) for e in top]
+    results = {"modes": modes, "compiled_top_events": rounds.pop("compiled_top_events", None)}
+    for mode in modes:
+        results[mode] = {k: statistics.median(r[k] for r in rounds[mode]) for k in rounds[mode][0]}
+        results[mode]["warmup_s"] = warmup_s[mode]
+        results[mode]["rounds"] = rounds[mode]
     return results
 
 
@@ -150,7 +162,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--sp", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed and profiled steps per mode and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the modes (medians are reported)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
@@ -170,7 +183,7 @@ def main() -> None:
     summary = {
         mode: {
             k: (max if k == "step_ms_median" else statistics.mean)(r[mode][k] for r in per_rank)
-            for k in per_rank[0][mode] if k != "step_ms_all"
+            for k in per_rank[0][mode] if k != "rounds"
         }
         for mode in modes
     }
@@ -179,7 +192,7 @@ def main() -> None:
     (args["out"] / "compile_overhead.json").write_text(json.dumps(report, indent=2))
     e = summary["eager"] if "eager" in summary else None
     lines = [
-        f"# Eager vs compiled, GPT N={args['seq_len']}, sp={args['sp']} (ms per step; step: slowest rank, rest: mean over ranks)",
+        f"# Eager vs compiled, GPT N={args['seq_len']}, sp={args['sp']} (ms per step, median of {args['rounds']} rounds; step: slowest rank, rest: mean over ranks)",
         "",
         "| | step (median) | SP overhead | in all-to-all | in all-to-all wait | layout kernels | loss all-reduce wait (not SP overhead) |",
         "|---|---|---|---|---|---|---|",
@@ -198,7 +211,7 @@ def main() -> None:
     (args["out"] / "compile_overhead.md").write_text("\n".join(lines) + "\n")
     _plot(per_rank, args["out"] / "compile_overhead.png")
     print("\n".join(lines))
-    print("top compiled events (rank 0):", per_rank[0].get("compiled_top_events"))
+    print("top compiled events (rank 0, ms per step):", per_rank[0].get("compiled_top_events"))
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def _rank_compile_overhead(ctx):
     from ulysses_dtensor.compile import enable_comm_overlap
 
     module = _load_benchmark("compile_overhead")
-    args = {"seq_len": 64, "sp": ctx.world, "steps": 1, "dim": 32, "layers": 1, "heads": 2, "kv_heads": 1,
+    args = {"seq_len": 64, "sp": ctx.world, "steps": 1, "rounds": 1, "dim": 32, "layers": 1, "heads": 2, "kv_heads": 1,
             "modes": ["eager", "compiled_fx_pass"]}
     try:
         return module._rank_bench(ctx, args)
