@@ -15,9 +15,10 @@ WAIT = torch.ops._c10d_functional.wait_tensor.default
 MiB = 1 << 20
 
 
-def _exchange_graph(independent_bytes: int):
-    """x -> big = relu(x) -> small = sum(big)  (independent of the exchange)
-       y -> send = clone(y) -> all_to_all -> wait -> out = recv + small"""
+def _exchange_graph(x_used_after: bool):
+    """x (4 MiB) -> small = sum(x)                  (independent of the exchange)
+       y (1 MiB) -> send = clone(y) -> all_to_all -> wait -> out = recv + small
+       and, if ``x_used_after``, tail = x + 1 after the exchange (x stays alive anyway)."""
     graph = torch.fx.Graph()
     fake = FakeTensorMode()
 
@@ -30,39 +31,41 @@ def _exchange_graph(independent_bytes: int):
     x = graph.placeholder("x")
     y = graph.placeholder("y")
     with fake:
-        x.meta["val"] = torch.empty(independent_bytes // 4)
+        x.meta["val"] = torch.empty(MiB)
         y.meta["val"] = torch.empty(MiB // 4)
-    big = node(aten.relu.default, x, numel=independent_bytes // 4)
-    small = node(aten.sum.default, big, numel=1)
+    small = node(aten.sum.default, x, numel=1)
     send = node(aten.clone.default, y, numel=MiB // 4)
     recv = node(A2A, send, [MiB // 8] * 2, [MiB // 8] * 2, "0", numel=MiB // 4)
     ready = node(WAIT, recv, numel=MiB // 4)
     out = node(aten.add.Tensor, ready, small, numel=MiB // 4)
-    graph.output(out)
-    return graph, {"big": big, "small": small, "exchange": recv, "wait": ready}
+    outputs = [out]
+    if x_used_after:
+        outputs.append(node(aten.add.Tensor, x, 1, numel=MiB))
+    graph.output(tuple(outputs))
+    return graph, {"small": small, "exchange": recv, "wait": ready}
 
 
 def _order(graph):
     return [n.name for n in graph.nodes if n.op == "call_function"]
 
 
-def test_small_independent_work_moves_behind_the_issue():
-    """Work the exchange does not need, and whose buffers fit under the peak, runs while the
-    transfer is in flight."""
-    graph, n = _exchange_graph(independent_bytes=MiB // 4)
+def test_independent_work_moves_behind_the_issue():
+    """Work the exchange does not need, whose input stays alive anyway, runs while the transfer is
+    in flight; the peak does not change."""
+    graph, n = _exchange_graph(x_used_after=True)
     before = peak_live_bytes(graph)
     stats = issue_collectives_early(graph)
     graph.lint()
     order = _order(graph)
-    assert order.index(n["exchange"].name) < order.index(n["big"].name) < order.index(n["wait"].name), order
-    assert stats.collectives == 1 and stats.moved_nodes == 2, stats
-    assert peak_live_bytes(graph) <= before
+    assert order.index(n["exchange"].name) < order.index(n["small"].name) < order.index(n["wait"].name), order
+    assert stats.collectives == 1 and stats.moved_nodes == 1, stats
+    assert peak_live_bytes(graph) == before
 
 
 def test_work_that_would_raise_the_peak_stays():
-    """Moving the 4 MiB intermediate behind the issue would hold it next to the send and receive
-    buffers: a higher peak, so the pass leaves the order alone."""
-    graph, n = _exchange_graph(independent_bytes=4 * MiB)
+    """When the independent sum is the last use of the 4 MiB input, moving it behind the issue would
+    hold that input next to the send and receive buffers: a higher peak, so the order stays."""
+    graph, _ = _exchange_graph(x_used_after=False)
     before_order, before = _order(graph), peak_live_bytes(graph)
     stats = issue_collectives_early(graph)
     graph.lint()
@@ -71,6 +74,6 @@ def test_work_that_would_raise_the_peak_stays():
 
 
 def test_peak_live_bytes_counts_storages_from_allocation_to_last_use():
-    graph, _ = _exchange_graph(independent_bytes=4 * MiB)
-    # inputs stay alive (4 MiB + 1 MiB); relu's 4 MiB is the largest step
-    assert peak_live_bytes(graph) == 9 * MiB + 4  # + the 4-byte sum, made while relu's output is alive
+    graph, _ = _exchange_graph(x_used_after=False)
+    # the inputs (4 MiB + 1 MiB) and the sum's 4 bytes; x is freed after the sum, y after its clone
+    assert peak_live_bytes(graph) == 5 * MiB + 4

@@ -10,8 +10,11 @@ whole producer chain instead:
 
 * for each functional collective, the nodes between it and the previous collective that it does
   not depend on are moved after it (the collective and its producers run first, then the
-  independent compute while the transfer is in flight);
-* each ``wait_tensor`` is moved down to just before its first user.
+  independent compute while the transfer is in flight) — as far as that does not raise the
+  graph's peak of live tensor bytes (:class:`Liveness`);
+* each ``wait_tensor`` is moved down to just before its first user;
+* inside Inductor, ordering edges (``control_deps``, as torch's own overlap scheduler uses) keep
+  the matmuls between an issue and its wait there.
 
 Collectives keep their relative order (every rank issues them in the same order); impure and
 random nodes are not moved and bound the window. The pass is installed through Inductor's
@@ -58,7 +61,7 @@ class OverlapStats:
     """What one run of the pass did: per collective, the nodes moved to run during its transfer."""
 
     collectives: int = 0
-    moved_nodes: int = 0  # compute nodes now between a collective and its wait
+    moved_nodes: int = 0  # nodes moved behind a collective's issue (waits not counted)
     sunk_waits: int = 0
     pinned: int = 0  # nodes given ordering edges
 
@@ -70,7 +73,6 @@ def issue_collectives_early(graph: torch.fx.Graph, pin: bool = False) -> Overlap
     ``control_deps``) keep the moved matmuls between issue and wait through Inductor's own
     scheduling, which reorders for peak memory. Returns what moved."""
     stats = OverlapStats()
-    deps: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     liveness = Liveness(graph)  # storages, sizes and uses do not depend on the order
     window: list[torch.fx.Node] = []
     for node in list(graph.nodes):
@@ -81,30 +83,38 @@ def issue_collectives_early(graph: torch.fx.Graph, pin: bool = False) -> Overlap
             stats.collectives += 1
             moved = _move_independent_after(node, window, liveness)
             stats.moved_nodes += sum(1 for n in moved if n.target is not _WAIT)
-            deps.update(_pin_overlap(node, moved))
         window = []
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is _WAIT and _sink(node):
             stats.sunk_waits += 1
-    if pin and deps:
+    edges = _overlap_edges(graph) if pin else {}
+    if edges:
         from torch._inductor.fx_passes.control_dependencies import preserve_node_ordering
         from torch.utils._ordered_set import OrderedSet
 
-        preserve_node_ordering(graph, {n: OrderedSet(d) for n, d in deps.items()})
-        stats.pinned = len(deps)
+        preserve_node_ordering(graph, {n: OrderedSet(d) for n, d in edges.items()})
+        stats.pinned = len(edges)
     return stats
 
 
-def _pin_overlap(collective: torch.fx.Node, moved: list[torch.fx.Node]) -> dict:
-    """Ordering edges that keep the moved matmuls between ``collective`` and its wait: Inductor's
-    scheduler reorders for peak memory and would otherwise put them back in front of the issue."""
-    matmuls = [n for n in moved if n.target in _MATMULS]
-    waits = [u for u in collective.users if u.target is _WAIT]
-    if not matmuls or not waits:
-        return {}
-    deps = {n: [collective] for n in matmuls}
-    deps[waits[0]] = [matmuls[-1]]
-    return deps
+def _overlap_edges(graph: torch.fx.Graph) -> dict[torch.fx.Node, list[torch.fx.Node]]:
+    """Ordering edges that keep each matmul now between a collective and its wait there: Inductor's
+    scheduler reorders for peak memory and would otherwise put them back in front of the issue.
+    Read off the final order, so the edges agree with it and cannot form a cycle."""
+    order = list(graph.nodes)
+    position = {n: i for i, n in enumerate(order)}
+    edges: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for collective in filter(_is_collective, order):
+        waits = [u for u in collective.users if u.target is _WAIT]
+        if not waits:
+            continue
+        wait = min(waits, key=position.__getitem__)
+        matmuls = [n for n in order[position[collective] + 1:position[wait]]
+                   if n.target in _MATMULS and n not in edges]
+        if matmuls:
+            edges.update({n: [collective] for n in matmuls})
+            edges[wait] = [matmuls[-1]]
+    return edges
 
 
 def _move_independent_after(collective: torch.fx.Node, window: list[torch.fx.Node],
@@ -153,8 +163,8 @@ def _move_independent_after(collective: torch.fx.Node, window: list[torch.fx.Nod
 
 class Liveness:
     """Live tensor bytes of a graph's nodes in a given order (any device), from Inductor's storage
-    and alias tracking: a storage is alive from the node that allocates it to its last user; graph
-    inputs and constants stay alive."""
+    and alias tracking: a storage is alive from the node that allocates it (graph inputs: from the
+    start) to its last user; constants stay alive."""
 
     def __init__(self, graph: torch.fx.Graph):
         from torch._inductor.fx_passes.memory_estimator import GraphAliasTracker
@@ -165,7 +175,10 @@ class Liveness:
         self.allocates = tracker.node_to_fresh_allocations
         self.uses = tracker.node_to_storage_uses
         self.users = tracker.storage_to_uses
-        self.kept = {k for k, n in tracker.storage_to_allocator.items() if n.op in ("placeholder", "get_attr")}
+        # Graph inputs count as freed after their last use, as Inductor's wrapper does with the
+        # backward's saved activations (it clears its argument list): moving the last use of a
+        # saved activation later must show as the memory it costs.
+        self.kept = {k for k, n in tracker.storage_to_allocator.items() if n.op == "get_attr"}
 
     def profile(self, nodes: list[torch.fx.Node], later: frozenset = frozenset()) -> list[int]:
         """Live bytes once each node of ``nodes`` has allocated, counted from 0; a storage is freed
