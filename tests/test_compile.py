@@ -209,12 +209,35 @@ def _between_issue_and_wait(graph) -> list[int]:
     return found
 
 
-def _rank_overlap_pass_aot(ctx):
-    """The overlap pass applied to the forward and backward graphs AOT autograd hands a backend
-    (no Inductor): the reordered graphs run and match one process."""
+def _compiled_gpt_against_one_process(ctx, config, compile_model) -> tuple[float, float]:
+    """Loss and summed-gradient errors (float64) of ``compile_model(model)`` for the parallelized GPT
+    against one process on the whole batch."""
     import copy
 
     import torch._dynamo as dynamo
+
+    import ulysses_dtensor as U
+
+    N = 6 * ctx.world + 1
+    ref = _build("gpt", torch.float64)
+    model = U.parallelize_module(copy.deepcopy(ref), _mesh(ctx, 1, ctx.world), config)
+    gen = torch.Generator().manual_seed(N)
+    tokens = torch.randint(0, VOCAB, (2, N), generator=gen)
+    labels = torch.randint(0, VOCAB, (2, N), generator=gen)
+    ref_loss, _ = _loss_and_logits("gpt", ref, tokens, labels)
+    ref_loss.backward()
+    dynamo.reset()
+    try:
+        loss, _ = _loss_and_logits("gpt", compile_model(model), tokens, labels)
+        loss.backward()
+    finally:
+        dynamo.reset()
+    return rel_err(loss.detach(), ref_loss.detach()), summed_grad_error(model, ref, ctx.group)
+
+
+def _rank_overlap_pass_aot(ctx):
+    """The overlap pass applied to the forward and backward graphs AOT autograd hands a backend
+    (no Inductor): the reordered graphs run and match one process."""
     from torch._dynamo.backends.common import aot_autograd
 
     import ulysses_dtensor as U
@@ -231,21 +254,10 @@ def _rank_overlap_pass_aot(ctx):
                      "matmuls_in_flight": _between_issue_and_wait(gm.graph)})
         return gm.forward
 
-    N = 6 * ctx.world + 1
-    ref = _build("gpt", torch.float64)
-    model = U.parallelize_module(copy.deepcopy(ref), _mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False))
-    gen = torch.Generator().manual_seed(N)
-    tokens = torch.randint(0, VOCAB, (2, N), generator=gen)
-    labels = torch.randint(0, VOCAB, (2, N), generator=gen)
-    ref_loss, _ = _loss_and_logits("gpt", ref, tokens, labels)
-    ref_loss.backward()
-    dynamo.reset()
-    run = torch.compile(model, backend=aot_autograd(fw_compiler=reorder, bw_compiler=reorder), fullgraph=True)
-    loss, _ = _loss_and_logits("gpt", run, tokens, labels)
-    loss.backward()
-    dynamo.reset()
-    return {"loss": rel_err(loss.detach(), ref_loss.detach()), "grads": summed_grad_error(model, ref, ctx.group),
-            "graphs": seen}
+    backend = aot_autograd(fw_compiler=reorder, bw_compiler=reorder)
+    loss, grads = _compiled_gpt_against_one_process(
+        ctx, U.UlyssesConfig(fsdp=False), lambda model: torch.compile(model, backend=backend, fullgraph=True))
+    return {"loss": loss, "grads": grads, "graphs": seen}
 
 
 @pytest.mark.parametrize("sp", [2, 4])
@@ -264,38 +276,27 @@ def test_overlap_pass_reorders_and_keeps_results(ranks4, sp):
 def _rank_overlap_pass_inductor(ctx):
     """UlyssesConfig(compile_overlap="fx_pass") through Inductor: the pass runs inside Inductor's
     post-grad passes and pins the moved matmuls with ordering edges."""
-    import copy
-
-    import torch._dynamo as dynamo
     import torch._inductor.config as inductor_config
 
     import ulysses_dtensor as U
     from ulysses_dtensor.compile import enable_comm_overlap
     from ulysses_dtensor.overlap_pass import IssueCollectivesEarly
 
-    N = 6 * ctx.world + 1
-    ref = _build("gpt", torch.float64)
+    installed = []
+
+    def compile_model(model):
+        installed.append(isinstance(inductor_config.post_grad_custom_post_pass, IssueCollectivesEarly))
+        return torch.compile(model, fullgraph=True)
+
+    IssueCollectivesEarly.last_stats.clear()
     try:
-        model = U.parallelize_module(copy.deepcopy(ref), _mesh(ctx, 1, ctx.world),
-                                     U.UlyssesConfig(fsdp=False, compile_overlap="fx_pass"))
-        installed = isinstance(inductor_config.post_grad_custom_post_pass, IssueCollectivesEarly)
-        gen = torch.Generator().manual_seed(N)
-        tokens = torch.randint(0, VOCAB, (2, N), generator=gen)
-        labels = torch.randint(0, VOCAB, (2, N), generator=gen)
-        ref_loss, _ = _loss_and_logits("gpt", ref, tokens, labels)
-        ref_loss.backward()
-        dynamo.reset()
-        IssueCollectivesEarly.last_stats.clear()
         with inductor_config.patch(fx_graph_cache=False):
-            loss, _ = _loss_and_logits("gpt", torch.compile(model, fullgraph=True), tokens, labels)
-            loss.backward()
-        stats = list(IssueCollectivesEarly.last_stats)
+            loss, grads = _compiled_gpt_against_one_process(
+                ctx, U.UlyssesConfig(fsdp=False, compile_overlap="fx_pass"), compile_model)
     finally:
-        dynamo.reset()
         enable_comm_overlap("inductor")  # a process-wide setting: back to the default for later tests
-    return {"installed": installed, "removed": inductor_config.post_grad_custom_post_pass is None,
-            "loss": rel_err(loss.detach(), ref_loss.detach()), "grads": summed_grad_error(model, ref, ctx.group),
-            "stats": stats}
+    return {"installed": installed == [True], "removed": inductor_config.post_grad_custom_post_pass is None,
+            "loss": loss, "grads": grads, "stats": list(IssueCollectivesEarly.last_stats)}
 
 
 def test_overlap_pass_through_inductor(ranks4):
