@@ -44,7 +44,7 @@ def enable_comm_overlap(mode: str = "inductor") -> None:
 
     "inductor": Inductor's scheduler passes (``OVERLAP_OPTIONS``). "fx_pass": those plus our
     post-grad pass (``overlap_pass``: each collective issued before the compute that does not need
-    it, peak memory kept). "off": Inductor's configuration is left as it is. ``parallelize_module``
+    it, estimated peak live bytes kept). "off": Inductor's configuration is left as it is. ``parallelize_module``
     calls it with ``UlyssesConfig.compile_overlap``; graphs without collectives are unaffected.
     """
     import torch._inductor.config as inductor_config
