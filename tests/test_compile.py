@@ -57,16 +57,20 @@ def _rank_explain(ctx):
     model = U.parallelize_module(_build("gpt", torch.float64), mesh, U.UlyssesConfig(fsdp=False))
     tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     report = U.explain(model, tokens, tokens)
-    return report.attention_calls, report.graph_breaks, [(g.kind, dict(g.counts)) for g in report.graphs], str(report)
+    graphs = [(g.kind, dict(g.counts), g.overlapped_matmuls) for g in report.graphs]
+    return report.attention_calls, report.graph_breaks, graphs, str(report)
 
 
 def test_explain_reports_sites_breaks_and_collectives(ranks4):
     calls, breaks, graphs, text = ranks4.run(_rank_explain, world=2, timeout_s=600)[0]
     assert calls == 2 and breaks == 0
     # forward: 2 all-to-alls per layer + the loss's 2 all-reduces (global count, global value)
-    assert graphs[0] == ("forward", {"all_to_all": 4, "all_reduce": 2}), graphs
+    assert graphs[0][:2] == ("forward", {"all_to_all": 4, "all_reduce": 2}), graphs
     assert graphs[1][0] == "backward" and graphs[1][1]["all_to_all"] == 4, graphs
+    # the overlap pass finds weight-gradient matmuls to run during the backward's exchanges
+    assert graphs[1][2] > 0, graphs
     assert "attention calls rewritten to Ulysses: 2" in text and "graph breaks: 0" in text
+    assert f'with compile_overlap="fx_pass": {graphs[1][2]} matmuls run during transfers' in text, text
 
 
 def _rank_titan_fullgraph(ctx, N):
@@ -299,8 +303,9 @@ def _rank_overlap_pass_inductor(ctx):
             "loss": loss, "grads": grads, "stats": list(IssueCollectivesEarly.last_stats)}
 
 
-def test_overlap_pass_through_inductor(ranks4):
-    for r in ranks4.run(_rank_overlap_pass_inductor, world=2, timeout_s=900):
+@pytest.mark.parametrize("sp", [2, 4])
+def test_overlap_pass_through_inductor(ranks4, sp):
+    for r in ranks4.run(_rank_overlap_pass_inductor, world=sp, timeout_s=900):
         assert r["installed"] and r["removed"], r
         assert max(r["loss"], r["grads"]) <= 1e-10, r
         forward, backward = r["stats"]

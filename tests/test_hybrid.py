@@ -297,3 +297,23 @@ def test_rank_without_tokens(ranks8, ring):
     case = dict(world=4, ring_degree=ring, batch=1, num_heads=2, num_kv_heads=1, seq_len=5, head_dim=2,
                 mask="causal", dtype=torch.float64, seed=0, doc_cuts=[])
     check_hybrid(ranks8, case)
+
+
+def _rank_overlap_pass_refused(ctx):
+    import ulysses_dtensor as U
+    from ulysses_dtensor.llama import Llama, LlamaConfig
+
+    model = Llama(LlamaConfig(vocab_size=64, max_seq_len=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
+    try:
+        U.parallelize_module(model, ctx.mesh(), U.UlyssesConfig(fsdp=False, compile_overlap="fx_pass"))
+    except ValueError as e:
+        return str(e), type(model.forward).__name__ == "method"  # forward not replaced
+    return None, None
+
+
+def test_overlap_pass_refuses_the_hybrid(ranks8):
+    """The overlap pass with the hybrid made the compiled forward hang in its first all-to-all
+    (measured on gloo): refused with a clear error, the model left as it was."""
+    for message, untouched in ranks8.run(_rank_overlap_pass_refused, world=4):
+        assert message is not None and "does not support the Ulysses × ring hybrid" in message, message
+        assert untouched

@@ -67,6 +67,7 @@ class GraphCollectives:
     kind: str
     counts: Counter = field(default_factory=Counter)
     bytes: Counter = field(default_factory=Counter)  # bytes of the collectives' inputs, per kind
+    overlapped_matmuls: int = 0  # with compile_overlap="fx_pass": matmuls between an issue and its wait
 
 
 def count_graph_collectives(gm: torch.fx.GraphModule, kind: str) -> GraphCollectives:
@@ -83,7 +84,18 @@ def count_graph_collectives(gm: torch.fx.GraphModule, kind: str) -> GraphCollect
         value = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
         if isinstance(value, torch.Tensor):
             found.bytes[collective] += value.numel() * value.element_size()
+    if found.counts:
+        found.overlapped_matmuls = _matmuls_overlapped_by_pass(gm.graph)
     return found
+
+
+def _matmuls_overlapped_by_pass(graph: torch.fx.Graph) -> int:
+    """How many matmuls the overlap pass would place between a collective and its wait (on a copy
+    of ``graph``)."""
+    copy = torch.fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    overlap_pass.issue_collectives_early(copy)
+    return sum(overlap_pass.matmuls_in_flight(copy))
 
 
 def counting_backend(graphs: list[GraphCollectives]):
@@ -118,6 +130,8 @@ class CompileReport:
         for g in self.graphs:
             parts = ", ".join(f"{n} {k} ({g.bytes[k]:,} bytes in)" for k, n in sorted(g.counts.items()))
             lines.append(f"{g.kind} graph: {parts or 'no collectives'}")
+            if g.counts:
+                lines.append(f"  with compile_overlap=\"fx_pass\": {g.overlapped_matmuls} matmuls run during transfers")
         return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ import torch.fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
-_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
             torch.ops.aten.baddbmm.default)
 
 
@@ -97,20 +97,29 @@ def issue_collectives_early(graph: torch.fx.Graph, pin: bool = False) -> Overlap
     return stats
 
 
+def _in_flight(graph: torch.fx.Graph):
+    """Per collective of ``graph``, in order: (collective, its first wait, the matmuls between)."""
+    order = list(graph.nodes)
+    position = {n: i for i, n in enumerate(order)}
+    for collective in filter(_is_collective, order):
+        waits = [u for u in collective.users if u.target is _WAIT]
+        if waits:
+            wait = min(waits, key=position.__getitem__)
+            yield collective, wait, [n for n in order[position[collective] + 1:position[wait]] if n.target in MATMULS]
+
+
+def matmuls_in_flight(graph: torch.fx.Graph) -> list[int]:
+    """Per collective of ``graph``, in order: the matmuls placed between its issue and its wait."""
+    return [len(matmuls) for _, _, matmuls in _in_flight(graph)]
+
+
 def _overlap_edges(graph: torch.fx.Graph) -> dict[torch.fx.Node, list[torch.fx.Node]]:
     """Ordering edges that keep each matmul now between a collective and its wait there: Inductor's
     scheduler reorders for peak memory and would otherwise put them back in front of the issue.
     Read off the final order, so the edges agree with it and cannot form a cycle."""
-    order = list(graph.nodes)
-    position = {n: i for i, n in enumerate(order)}
     edges: dict[torch.fx.Node, list[torch.fx.Node]] = {}
-    for collective in filter(_is_collective, order):
-        waits = [u for u in collective.users if u.target is _WAIT]
-        if not waits:
-            continue
-        wait = min(waits, key=position.__getitem__)
-        matmuls = [n for n in order[position[collective] + 1:position[wait]]
-                   if n.target in _MATMULS and n not in edges]
+    for collective, wait, matmuls in _in_flight(graph):
+        matmuls = [n for n in matmuls if n not in edges]
         if matmuls:
             edges.update({n: [collective] for n in matmuls})
             edges[wait] = [matmuls[-1]]
