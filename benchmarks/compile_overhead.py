@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ulysses_dtensor.llama import Llama as GPT, LlamaConfig as GPTConfig  # noqa: E402
-from ulysses_dtensor.bench.measure import pin_to_core  # noqa: E402
+from ulysses_dtensor.bench.measure import interleaved_times, pin_to_core  # noqa: E402
 from ulysses_dtensor.launch import RankGroup  # noqa: E402
 
 # compiled: Inductor with its scheduler overlap passes (the default); compiled_fx_pass: plus our
@@ -70,7 +70,6 @@ def _profile_breakdown(prof, compiled: bool) -> dict[str, float]:
 
 
 def _rank_bench(ctx, args: dict) -> dict:
-    import torch.distributed as dist
     import ulysses_dtensor as U
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -100,33 +99,34 @@ def _rank_bench(ctx, args: dict) -> dict:
         for _ in range(2):  # warm-up (and compile)
             step()
         warmup_s[mode], steps[mode] = time.perf_counter() - t0, step
-    # Rounds over the modes, the starting mode rotated each round: slow drifts of this shared
-    # machine hit every mode alike. Each figure is the median over rounds.
-    rounds: dict[str, list[dict]] = {mode: [] for mode in args["modes"]}
-    modes = list(args["modes"])
-    for r in range(args["rounds"]):
-        for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
-            dist.barrier(ctx.group)
-            times = []
-            for _ in range(args["steps"]):
-                t0 = time.perf_counter()
-                steps[mode]()
-                times.append(time.perf_counter() - t0)
-            dist.barrier(ctx.group)
+    # Rounds over the modes, round-robin with the starting mode rotated (interleaved_times, a
+    # barrier before each run): slow drifts of this shared machine hit every mode alike. Each
+    # figure is the median over the rounds.
+    modes, n = list(args["modes"]), args["steps"]
+    times = interleaved_times(steps, ctx.group, reps=args["rounds"] * n, warmup=0)
+    profiles: dict[str, list[dict]] = {mode: [] for mode in modes}
+    top_events = None
+
+    def profiled(mode):
+        def run():
+            nonlocal top_events
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-                for _ in range(args["steps"]):
+                for _ in range(n):
                     steps[mode]()
-            breakdown = _profile_breakdown(prof, compiled=mode != "eager")
-            rounds[mode].append({"step_ms_median": statistics.median(times) * 1e3,
-                                 **{k: v / args["steps"] for k, v in breakdown.items()}})
+            profiles[mode].append({k: v / n for k, v in _profile_breakdown(prof, compiled=mode != "eager").items()})
             if ctx.rank == 0 and mode == "compiled":
                 top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
-                rounds["compiled_top_events"] = [(e.key, round(e.self_cpu_time_total / 1e3 / args["steps"], 2)) for e in top]
-    results = {"modes": modes, "compiled_top_events": rounds.pop("compiled_top_events", None)}
+                top_events = [(e.key, round(e.self_cpu_time_total / 1e3 / n, 2)) for e in top]
+        return run
+
+    interleaved_times({mode: profiled(mode) for mode in modes}, ctx.group, reps=args["rounds"], warmup=0)
+    results = {"modes": modes, "compiled_top_events": top_events}
     for mode in modes:
-        results[mode] = {k: statistics.median(r[k] for r in rounds[mode]) for k in rounds[mode][0]}
+        rounds = [{"step_ms_median": statistics.median(times[mode][r * n:(r + 1) * n]) * 1e3, **profile}
+                  for r, profile in enumerate(profiles[mode])]
+        results[mode] = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
         results[mode]["warmup_s"] = warmup_s[mode]
-        results[mode]["rounds"] = rounds[mode]
+        results[mode]["rounds"] = rounds
     return results
 
 

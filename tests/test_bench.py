@@ -9,9 +9,8 @@ comparison is between correct implementations.
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 
 import pytest
 
