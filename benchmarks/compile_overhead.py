@@ -24,7 +24,6 @@ rank) to ``benchmarks/results/``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from ulysses_dtensor.llama import Llama as GPT, LlamaConfig as GPTConfig  # noqa: E402
 from ulysses_dtensor.bench.measure import interleaved_times, pin_to_core  # noqa: E402
+from ulysses_dtensor.bench.step_args import parse_step_args  # noqa: E402
 from ulysses_dtensor.launch import RankGroup  # noqa: E402
 
 # compiled: Inductor with its scheduler overlap passes (the default); compiled_fx_pass: plus our
@@ -159,22 +159,7 @@ def _plot(per_rank: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=8192)
-    parser.add_argument("--sp", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed and profiled steps per mode and round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over the modes (medians are reported)")
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = vars(parser.parse_args())
-    args["modes"] = [m for m in args["modes"].split(",") if m]
-    unknown = set(args["modes"]) - set(MODES)
-    if unknown:
-        parser.error(f"unknown modes {sorted(unknown)}; expected some of {MODES}")
+    args = parse_step_args(__doc__, MODES, 8192, ROOT / "benchmarks" / "results")
     print(f"compile_overhead: {args}", flush=True)
     with RankGroup(args["sp"], call_timeout_s=3600) as ranks:
         per_rank = ranks.run(_rank_bench, {k: v for k, v in args.items() if k != "out"})

@@ -529,14 +529,15 @@ def _hf_llama(dtype):
     return transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").to(dtype).train()
 
 
-def _rank_hf_packed(ctx, lengths, packed_documents):
+def _rank_hf_packed(ctx, lengths, packed_documents, propagation=None):
     """HF LlamaForCausalLM (sdpa) on a DataCollatorWithFlattening-style batch: position_ids
     restarting at 0 per document, labels -100 at each document start."""
     import ulysses_dtensor as U
 
     mesh = ctx.mesh("sp")
     ref = _hf_llama(torch.float64)
-    model = U.parallelize_module(copy.deepcopy(ref), mesh, U.UlyssesConfig(packed_documents=packed_documents))
+    config = U.UlyssesConfig(packed_documents=packed_documents, propagation=propagation)
+    model = U.parallelize_module(copy.deepcopy(ref), mesh, config)
     N = sum(lengths)
     tokens = torch.randint(0, VOCAB, (1, N), generator=torch.Generator().manual_seed(N))
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -571,10 +572,14 @@ def test_hf_llama_packed_position_ids_match_per_document_runs(ranks4):
 
 
 def test_hf_llama_packed_documents_false_attends_across(ranks4):
-    """Control: with packed_documents=False the same batch attends across documents."""
-    for errors in ranks4.run(_rank_hf_packed, [6, 1, 13, 4], False, world=2):
+    """Control: with packed_documents=False on the local path the same batch attends across
+    documents. On the propagation path HF's own mask builder sees the global position_ids and
+    keeps documents apart, as it does in one process."""
+    for errors in ranks4.run(_rank_hf_packed, [6, 1, 13, 4], False, False, world=2):
         assert errors["logits"] > 1e-3, errors
         assert errors["hf_one_process"] <= 1e-10, errors
+    for errors in ranks4.run(_rank_hf_packed, [6, 1, 13, 4], False, world=2):
+        assert max(errors["logits"], errors["grads"]) <= 1e-10, errors
 
 
 def _rank_parallelize_refusals(ctx, case):

@@ -195,9 +195,10 @@ def _rank_refusal(ctx, case):
     mesh = _mesh(ctx, 1, ctx.world)
     counter = CollectiveCounter()
     try:
-        if case == "manual_attention":
+        if case in ("manual_attention", "manual_attention_local"):
             torch.manual_seed(0)
-            model = U.parallelize_module(_ManualAttention(), mesh, U.UlyssesConfig(fsdp=False))
+            config = U.UlyssesConfig(fsdp=False, propagation=case == "manual_attention")
+            model = U.parallelize_module(_ManualAttention(), mesh, config)
             with counter:
                 model(torch.randn(1, 8, 8))
         elif case == "hf_eager":
@@ -215,7 +216,7 @@ def _rank_refusal(ctx, case):
             with counter:
                 model(torch.zeros(1, 2, dtype=torch.long))
         elif case == "padding_mask":
-            model = U.parallelize_module(_build("llama", torch.float32), mesh)
+            model = U.parallelize_module(_build("llama", torch.float32), mesh, U.UlyssesConfig(propagation=False))
             mask = torch.ones(1, 8, dtype=torch.long)
             mask[0, :2] = 0
             with counter:
@@ -229,11 +230,13 @@ def _rank_refusal(ctx, case):
     "case,error,pattern,collectives_allowed",
     [
         # raised after the first forward, which every rank ran alike (its shape check included)
-        ("manual_attention", "RuntimeError", "no F.scaled_dot_product_attention call", True),
+        # propagation: refused at the op that would gather the sequence, before that collective
+        ("manual_attention", "RuntimeError", "on a sequence-sharded activation", True),
+        ("manual_attention_local", "RuntimeError", "no F.scaled_dot_product_attention call", True),
         ("hf_eager", "ValueError", "attn_implementation='sdpa'", False),
         ("no_sp_dim", "ValueError", "needs an 'sp' dim", False),
         ("seq_shorter_than_sp", "ValueError", "shorter than the sequence-parallel degree", False),
-        ("padding_mask", "ValueError", "no padding", False),
+        ("padding_mask", "ValueError", "no padding", False),  # propagation=False (the default takes padding)
     ],
 )
 def test_refusals_are_clear_and_early(ranks4, case, error, pattern, collectives_allowed):

@@ -19,7 +19,6 @@ import sys
 import torch.nn as nn
 from torch.nn.attention import flex_attention as flex_module
 
-from .attention import ulysses_attention
 from .rewrite import current
 
 _original_flex_attention = flex_module.flex_attention
@@ -47,10 +46,13 @@ def ulysses_flex_attention(query, key, value, score_mod=None, block_mask=None, s
         )
     if score_mod is not None or return_lse or kwargs.get("return_aux") is not None:
         raise ValueError("sequence-parallel flex_attention supports block masks, not score_mod or returned lse")
-    mode.attention_calls += 1
-    return ulysses_attention(
-        query, key, value, mode.sp_group, attn_mask=global_block_mask(block_mask, mode.seq_len, query.device.type),
-        scale=scale, enable_gqa=enable_gqa, kernel="flex", seq_len=mode.seq_len,
+
+    def local_flex(q, k, v, attn_mask=None, **options):  # local_attention_only: the call as written
+        return _original_flex_attention(q, k, v, block_mask=block_mask, **options)
+
+    return mode.attend(
+        query, key, value, local_flex, kernel="flex", uses_documents=False,
+        attn_mask=global_block_mask(block_mask, mode.seq_len, query.device.type), scale=scale, enable_gqa=enable_gqa,
     )
 
 

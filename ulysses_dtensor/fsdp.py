@@ -16,12 +16,26 @@ def find_blocks(model: nn.Module, block_classes: tuple | None = None) -> list[nn
     names = block_classes or getattr(model, "_no_split_modules", None)
     if names:
         wanted = {c if isinstance(c, str) else c.__name__ for c in names}
-        return [m for m in model.modules() if type(m).__name__ in wanted]
+        return _separable([m for m in model.modules() if type(m).__name__ in wanted], model)
     containers = [m for m in model.modules() if isinstance(m, (nn.ModuleList, nn.ModuleDict))]
     if not containers:
         return []
     biggest = max(containers, key=lambda c: sum(p.numel() for p in c.parameters()))
     return list(biggest.values() if isinstance(biggest, nn.ModuleDict) else biggest)
+
+
+def _separable(blocks: list[nn.Module], model: nn.Module) -> list[nn.Module]:
+    """The blocks FSDP2 can shard as units of their own: outermost only (Hugging Face lists
+    nested classes, e.g. mBART's layers inside its encoder), and none sharing a parameter with
+    the rest of the model (BERT's embeddings, tied to the LM head)."""
+    inside = {id(m) for b in blocks for m in b.modules() if m is not b}
+    kept = []
+    for b in (b for b in blocks if id(b) not in inside):
+        members = {id(m) for m in b.modules()}
+        outside = {id(p) for m in model.modules() if id(m) not in members for p in m.parameters(recurse=False)}
+        if not any(id(p) in outside for p in b.parameters()):
+            kept.append(b)
+    return kept
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], reshard_after_forward: bool = True) -> None:

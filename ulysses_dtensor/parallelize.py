@@ -3,10 +3,12 @@
 The recipe, in order:
 
 1. check the mesh and the model (refuse what cannot be made exact, before any collective);
-2. wrap the model's forward: shard the inputs along the sequence, keep positions global, and run
-   the original forward inside :class:`~ulysses_dtensor.rewrite.UlyssesFunctionMode`, which turns
-   every ``F.scaled_dot_product_attention`` into Ulysses attention and every mean cross-entropy
-   into the global token-weighted mean;
+2. wrap the model's forward: the token inputs enter as ``Shard(1)`` DTensors and the original
+   forward runs on them (``propagation.py``: every op sees the global sequence) inside
+   :class:`~ulysses_dtensor.rewrite.UlyssesFunctionMode`, which turns every attention call into
+   Ulysses attention and every mean cross-entropy into the global token-weighted mean; MoE blocks
+   run on local tokens (``tokenwise.py``). Under torch.compile, or with ``propagation=False``,
+   the forward runs on plain local shards instead, with global positions injected;
 3. activation checkpointing of each transformer block, if asked (``checkpointing.py``);
 4. FSDP2 ``fully_shard`` per transformer block and on the root over all dp × sp ranks.
 
@@ -25,7 +27,8 @@ import torch
 import torch.nn as nn
 from torch._dynamo.eval_frame import OptimizedModule
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.utils._pytree import tree_map_only
 
 from . import flex, hf, rewrite, titan
 from .checkpointing import check_mode as check_checkpointing_mode, checkpoint_blocks
@@ -37,13 +40,21 @@ from .hybrid import HybridLayout, choose_ring_degree
 from .inputs import IGNORE_INDEX, check_no_padding, global_seq_len, local_slice, shift_labels
 from .layout import seq_shard_offsets, seq_shard_sizes
 from .mesh import check_mesh, dp_sp_mesh, sp_mesh
+from .propagation import (
+    SequenceCollectiveGuard, SequencePropagation, local_of, shard_sequence, track_modules,
+)
 from .recompute import reenter_rewrite_on_recompute
 from .rewrite import UlyssesFunctionMode
+from .tokenwise import use_local_moe
 
 
 # Forward arguments taking token positions (HF: position_ids; torchtitan: positions). When the
 # caller gives none, the global positions of this rank's tokens are passed, so RoPE is exact.
 POSITION_ARGS = ("position_ids", "positions")
+# Inputs every rank keeps whole on the propagation path (DTensor Replicate): positions, padding
+# masks and document ids are (B, N) and cheap; sharding them would make masks and position
+# tables gather the sequence. Every other input with 2+ dims enters as Shard(1).
+REPLICATED_INPUTS = ("attention_mask", "position_ids", "positions", "document_ids")
 # Forward keyword with the document ids of a packed batch (global (B, N) or (N,)); taken by the
 # wrapper, passed to the model only if its forward declares it.
 DOCUMENT_IDS = "document_ids"
@@ -90,6 +101,11 @@ class UlyssesConfig:
             head, else the smallest R with sp / R ≤ heads (:func:`choose_ring_degree`; the head
             count is read from the model). The choice is printed once. flex_attention calls
             (BlockMask) always use plain Ulysses.
+        propagation: run the forward on ``Shard(seq)`` DTensors, so the model's code sees the
+            global sequence (``propagation.py``, docs/parallelize.md). ``None`` (default): yes
+            in eager forwards with sp > 1, except torchtitan models; ``False``: the local-tensor
+            path (plain N/sp-token tensors, per-family adapters), which torch.compile'd models
+            and blocks also run.
     """
 
     kernel: str | Callable = "sdpa"
@@ -104,6 +120,7 @@ class UlyssesConfig:
     packed_documents: bool | None = None
     ring_degree: int | None = None
     activation_checkpointing: str = "none"
+    propagation: bool | None = None
 
 
 def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig | None = None) -> nn.Module:
@@ -123,7 +140,8 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     check_mesh(mesh)
     check_checkpointing_mode(config.activation_checkpointing, model)
     check_compile_overlap(config.compile_overlap)
-    _install_attention(model)
+    propagate = _use_propagation(model, config.propagation, sp_mesh(mesh).size())
+    _install_attention(model, propagate)
     check_same_model(model, dp_sp_mesh(mesh).get_group())
     wrapper = _SequenceParallelForward(model, mesh, config)
     if config.compile_overlap == "fx_pass" and wrapper.ring_degree > 1:
@@ -143,18 +161,28 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     # Registered last with prepend: the input checks run before FSDP's pre-forward all-gather,
     # so bad input raises on every rank before any collective.
     model.register_forward_pre_hook(wrapper.check_inputs, prepend=True, with_kwargs=True)
+    if wrapper.propagate:
+        track_modules(model, wrapper.module_stack)
     return model
 
 
-def _install_attention(model: nn.Module) -> None:
+def _install_attention(model: nn.Module, propagate: bool) -> None:
     """Refuse models we cannot make exact; route the attention that SDPA rewriting does not see
-    (HF masks, torchtitan flex modules, direct flex_attention calls) to Ulysses."""
+    (HF masks on the local path, torchtitan flex modules, direct flex_attention calls) to Ulysses."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model.forward, _SequenceParallelForward):
         raise ValueError(f"{type(model).__name__} is already parallelized")
     if hf.is_hf_model(model):
-        hf.use_ulysses_attention(model)
+        hf.use_ulysses_attention(model, refuse_windows=not propagate)
+    if propagate:
+        experts = hf.expert_count(model) if hf.is_hf_model(model) else None
+        if not use_local_moe(model, _moe_context) and experts:
+            raise ValueError(
+                f"{type(model).__name__} routes tokens to {experts} experts, but no MoE block (a module "
+                "with `gate` and `experts`) was found to run on local tokens; refused rather than "
+                "gather the sequence"
+            )
     titan.use_ulysses_attention(model)
     flex.use_ulysses_attention(model)
 
@@ -188,6 +216,14 @@ class _SequenceParallelForward:
         self.model = model
         self.shapes_checked = False
         self.last_attention_calls = 0
+        self.propagate = _use_propagation(model, config.propagation, self.world)
+        # under torch.compile the local path runs: exact for models we know to take global
+        # positions there (HF, torchtitan, an explicit position argument or buffer)
+        self.local_path_is_exact = bool(
+            self.is_hf or titan.is_titan_model(model) or self.position_buffers
+            or any(n in self.params for n in POSITION_ARGS)
+        )
+        self.module_stack: list[str] = []
 
     @property
     def has_compiled_blocks(self) -> bool:
@@ -197,6 +233,17 @@ class _SequenceParallelForward:
         return name in self.params or self.var_kwargs
 
     def __call__(self, *args, **kwargs):
+        if self.propagate:
+            if not torch.compiler.is_compiling() and not self.has_compiled_blocks:
+                return self.propagated_call(args, kwargs)
+            if not self.local_path_is_exact:
+                raise ValueError(
+                    f"parallelize_module: torch.compile of {self.model_name} (or of its blocks) runs the "
+                    "local-tensor path (the propagation path does not compile yet), where a model deriving positions or masks from "
+                    "the sequence length it sees would be wrong; it takes no position argument and has no "
+                    "position buffer, so it is refused. Run it eager, or give its forward a position_ids= / "
+                    "positions= argument"
+                )
         # Read once: after a graph break the rest of this call resumes eagerly, where
         # is_compiling() is False although the attention calls ran in compiled graphs.
         compiling = torch.compiler.is_compiling()
@@ -219,6 +266,12 @@ class _SequenceParallelForward:
             for (module, name), table in full.items():
                 module._buffers[name] = table
             rewrite.current.pop("mode", None)
+        self.check_attention_calls(mode, compiling)
+        return out
+
+    def check_attention_calls(self, mode: UlyssesFunctionMode, compiling: bool) -> None:
+        """After a forward: refuse a model whose attention we never saw (it ran on local tokens)
+        and a packed batch whose attention ignored the documents."""
         if not self.verified and not compiling:
             # The mode counts eager calls only (a count in a graph is a side effect: recompiles,
             # refused in checkpoints). Attention that ran in compiled code — blocks compiled on
@@ -230,7 +283,7 @@ class _SequenceParallelForward:
                     "the result is wrong. Use F.scaled_dot_product_attention (HF: attn_implementation='sdpa')"
                 )
             self.verified = True
-        if documents is not None and not self.config.local_attention_only and not compiling:
+        if mode.documents is not None and not self.config.local_attention_only and not compiling:
             missed = mode.attention_calls - mode.document_calls
             if missed:
                 raise RuntimeError(
@@ -241,6 +294,55 @@ class _SequenceParallelForward:
                 )
         if not compiling:
             self.last_attention_calls = mode.attention_calls  # read by compile.explain
+
+    def common_inputs(self, named: dict) -> tuple[int, torch.Tensor, Documents | None]:
+        """In place, for both paths: labels shifted on the global sequence, ``document_ids``
+        taken, no KV cache (a training forward). Returns the global N, a (B, N, ...) input and
+        the packed documents, if any."""
+        seq_len = global_seq_len(named, self.model_name)
+        labels = named.get("labels")
+        if isinstance(labels, torch.Tensor) and not isinstance(labels, DTensor) and self.accepts("shift_labels"):
+            named.setdefault("shift_labels", shift_labels(labels, self.config.ignore_index))
+        ref = next(t for t in named.values() if isinstance(t, torch.Tensor) and t.dim() >= 2)
+        documents = self.packed_documents(named, ref)
+        if DOCUMENT_IDS not in self.params:
+            named.pop(DOCUMENT_IDS, None)
+        if "use_cache" in self.params and named.get("use_cache") is None:
+            named["use_cache"] = False
+        return seq_len, ref, documents
+
+    def propagated_call(self, args: tuple, kwargs: dict):
+        """The forward on ``Shard(1)`` DTensor inputs (``propagation.py``): the model's code sees
+        the global sequence; attention and the loss are routed by the rewrite mode."""
+        named = self.named_inputs(args, kwargs)
+        seq_len, ref, documents = self.common_inputs(named)
+        for name, value in named.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if name in REPLICATED_INPUTS:
+                # positions and padding masks are small (B, N): every rank keeps them whole, so
+                # masks and position tables are built for the global sequence without a collective
+                named[name] = value.full_tensor() if isinstance(value, DTensor) else value
+            elif not isinstance(value, DTensor) and value.dim() >= 2:
+                local = local_slice(value, self.rank, self.world, seq_len).contiguous()
+                named[name] = shard_sequence(value, self.mesh_sp, local)
+        propagation = SequencePropagation(SequenceCollectiveGuard(self.module_stack), mesh_sp=self.mesh_sp)
+        mode = UlyssesFunctionMode(
+            self.sp_group, seq_len, self.loss_group, self.config.kernel, self.config.local_attention_only,
+            documents, self.ring_degree, propagation,
+        )
+        rewrite.current["mode"] = mode
+        try:
+            native = hf.native_sdpa(self.model) if self.is_hf else contextlib.nullcontext()
+            with propagation, mode, native:
+                out = self.original(**named)
+                out = tree_map_only(DTensor, lambda t: _to_user(t, propagation), out)
+        except BaseException:
+            self.module_stack.clear()
+            raise
+        finally:
+            rewrite.current.pop("mode", None)
+        self.check_attention_calls(mode, compiling=torch.compiler.is_compiling())
         return out
 
     def check_inputs(self, module, args: tuple, kwargs: dict) -> None:
@@ -256,7 +358,16 @@ class _SequenceParallelForward:
                 f"{sizes.index(0)} without tokens (shards of ceil(N/sp) = {sizes[0]}: {sizes}); use a "
                 f"length that is a multiple of sp, or at least {sizes[0] * (self.world - 1) + 1}"
             )
-        check_no_padding(named.get("attention_mask"), self.model_name)
+        if not self.propagate:
+            check_no_padding(named.get("attention_mask"), self.model_name)
+        if sizes[0] == 1 and self.world > 1:
+            # Measured: HF Llama's q/k gradients are wrong (rel. error ~1) on the propagation path
+            # when every rank holds one token (N = sp), cause not found; on the local path HF's
+            # SDPA call turns non-causal (is_causal = query.shape[2] > 1). So refused.
+            raise ValueError(
+                f"{self.model_name}: a sequence of {seq_len} tokens over sp={self.world} leaves one token per "
+                f"rank, which sequence parallelism does not support; use at least {self.world + 1} tokens"
+            )
         ref = next(t for t in named.values() if isinstance(t, torch.Tensor) and t.dim() >= 2)
         documents = self.packed_documents(named, ref, check_only=True)
         if documents is not None:
@@ -308,27 +419,39 @@ class _SequenceParallelForward:
         """Slice global tensors, unwrap sharded DTensors; add global positions and shifted labels;
         the packed documents of the global sequence, if any."""
         named = self.named_inputs(args, kwargs)
-        seq_len = global_seq_len(named, self.model_name)
         if named.get("attention_mask") is not None:
             check_no_padding(named["attention_mask"], self.model_name)
             named["attention_mask"] = None
-        labels = named.get("labels")
-        if isinstance(labels, torch.Tensor) and not isinstance(labels, DTensor) and self.accepts("shift_labels"):
-            named.setdefault("shift_labels", shift_labels(labels, self.config.ignore_index))
-        ref = next(t for t in named.values() if isinstance(t, torch.Tensor) and t.dim() >= 2)
-        documents = self.packed_documents(named, ref)
-        if DOCUMENT_IDS not in self.params:
-            named.pop(DOCUMENT_IDS, None)
+        seq_len, ref, documents = self.common_inputs(named)
         if self.position_arg is not None and named.get(self.position_arg) is None:
             named[self.position_arg] = torch.arange(seq_len, device=ref.device).expand(ref.shape[0], seq_len)
-        if "use_cache" in self.params and named.get("use_cache") is None:
-            named["use_cache"] = False
         for name, value in named.items():
             if isinstance(value, DTensor):
                 named[name] = value.to_local()
             elif isinstance(value, torch.Tensor) and value.dim() >= 2:
                 named[name] = local_slice(value, self.rank, self.world, seq_len).contiguous()
         return (), named, seq_len, documents
+
+
+def _moe_context():
+    """(sp mesh, N, this rank's token offset and count, the guard's ``allowed``) of the running
+    propagated forward, for ``tokenwise``'s global load-balancing loss; None outside one."""
+    mode = rewrite.current.get("mode")
+    if mode is None or not mode.propagation.active:
+        return None
+    mesh = mode.propagation.mesh_sp
+    sizes = seq_shard_sizes(mode.seq_len, mesh.size())
+    rank = mesh.get_local_rank()
+    return mesh, mode.seq_len, seq_shard_offsets(sizes)[rank], sizes[rank], mode.propagation.allowed
+
+
+def _to_user(t: DTensor, propagation: SequencePropagation) -> torch.Tensor:
+    """An output DTensor as the plain tensor the caller gets: this rank's shard of a
+    sequence-sharded output, the value of a replicated one, a reduced partial one."""
+    if any(p.is_partial() for p in t.placements):
+        with propagation.allowed():
+            t = t.redistribute(t.device_mesh, [Replicate()] * t.device_mesh.ndim)
+    return local_of(t)
 
 
 def _in_compiled_region() -> bool:
@@ -366,6 +489,17 @@ def query_heads(model: nn.Module) -> int | None:
         if isinstance(v, int) and not isinstance(v, bool) and v > 0
     ]
     return min(found) if found else None
+
+
+def _use_propagation(model: nn.Module, requested: bool | None, sp: int) -> bool:
+    """Whether the forward runs on ``Shard(seq)`` DTensors (the default) or on local tensors."""
+    if sp == 1:
+        return False  # one sp rank holds the whole sequence: the plain forward is the exact one
+    if requested is not None:
+        return bool(requested)
+    # torchtitan's flex modules run compiled flex_attention and its RoPE complex buffers: the
+    # local path's adapters (titan.py) serve them
+    return not titan.is_titan_model(model)
 
 
 def _ring_degree(model: nn.Module, sp: int, requested: int | None, announce: bool) -> int:

@@ -22,11 +22,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from .attention import ulysses_attention
 from .hybrid import hybrid_attention
+from .propagation import SequencePropagation, from_local, local_of, replicate_plain_tensors
 
 def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """F.scaled_dot_product_attention's arguments by name (plain Python binding: traceable)."""
@@ -78,6 +80,16 @@ def active_mode() -> "UlyssesFunctionMode":
     return mode
 
 
+def _check_sequence_sharded(q, k, v) -> None:
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, DTensor) or t.placements != (Shard(2),):
+            raise ValueError(
+                f"parallelize_module: attention's {name} must be sequence-sharded (B, H, N, D) Shard(2) on "
+                f"the sp mesh, got {getattr(t, 'placements', 'a plain tensor')}; the model's attention "
+                "input layout is not (batch, heads, sequence, head_dim)"
+            )
+
+
 class UlyssesFunctionMode(TorchFunctionMode):
     """Route attention to Ulysses and mean losses to the global mean, inside a forward.
 
@@ -95,8 +107,9 @@ class UlyssesFunctionMode(TorchFunctionMode):
     """
 
     def __init__(self, sp_group, seq_len: int, loss_group=None, kernel="sdpa", local_attention_only=False,
-                 documents=None, ring_degree: int = 1):
+                 documents=None, ring_degree: int = 1, propagation: SequencePropagation | None = None):
         super().__init__()
+        self.propagation = propagation or SequencePropagation(None, active=False)
         self.ring_degree = ring_degree
         self.local_attention_only = local_attention_only
         self.sp_group = sp_group
@@ -111,16 +124,7 @@ class UlyssesFunctionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             q, k, v, options = _sdpa_arguments(*args, **kwargs)
-            if not torch.compiler.is_compiling():  # no Python side effects in graphs (recompiles, checkpoints)
-                self.attention_calls += 1
-                self.document_calls += self.documents is not None
-            if self.local_attention_only:
-                return func(*args, **kwargs)
-            if self.documents is not None:
-                options["documents"] = self.documents
-            if self.ring_degree > 1:
-                return hybrid_attention(q, k, v, self.sp_group, ring_degree=self.ring_degree, seq_len=self.seq_len, **options)
-            return ulysses_attention(q, k, v, self.sp_group, seq_len=self.seq_len, kernel=self.kernel, **options)
+            return self.attend(q, k, v, lambda q, k, v, **o: func(q, k, v, **o), **options)
         if func is checkpoint and torch.compiler.is_compiling():
             # Dynamo traces the checkpointed body as a higher-order op from inside this handler,
             # where this mode is off: run the body in the mode again so its attention is rewritten.
@@ -133,8 +137,80 @@ class UlyssesFunctionMode(TorchFunctionMode):
             return func(body_in_rewrite, *rest, **kwargs)
         if func is F.cross_entropy and self.loss_group is not None:
             logits, target, ignore_index, label_smoothing, plain_mean = _cross_entropy_arguments(*args, **kwargs)
+            if isinstance(logits, DTensor) or isinstance(target, DTensor):
+                if not plain_mean:
+                    raise ValueError(
+                        "parallelize_module: F.cross_entropy on sequence-sharded logits needs the plain "
+                        "reduction='mean' (no weight), which becomes the global token-weighted mean"
+                    )
+                return self._loss_on_shards(logits, target, ignore_index, label_smoothing)
             if plain_mean:
                 return token_weighted_cross_entropy(
                     logits, target, self.loss_group, ignore_index=ignore_index, label_smoothing=label_smoothing
                 )
+        if self.propagation.active:
+            replicated = replicate_plain_tensors(args, kwargs)
+            if replicated is not None:
+                args, kwargs = replicated
         return func(*args, **kwargs)
+
+    def attend(self, q, k, v, local_kernel, *, kernel=None, uses_documents=True, **options):
+        """The one place an attention call of a parallelized forward becomes Ulysses attention:
+        SDPA calls (above), direct ``flex_attention`` calls (``flex.py``) and torchtitan's flex
+        modules (``titan.py``) all come here.
+
+        q: (B, H, N_r, D) plain local shards, or (B, H, N, D) DTensors placed ``Shard(2)`` (the
+        propagation path: the output is ``Shard(2)`` too); k, v likewise. ``local_kernel(q, k, v,
+        **options)`` is the call's own kernel, run on the local tokens only for
+        ``local_attention_only``. ``kernel``: the local kernel of the exchange (default: the
+        configured one); ``uses_documents``: whether packed documents apply to this kernel (flex
+        calls carry their own BlockMask: not counted as document calls, which the parallelized
+        forward then refuses).
+        """
+        sharded = isinstance(q, DTensor)
+        if sharded:
+            _check_sequence_sharded(q, k, v)
+            mask = options.get("attn_mask")
+            if isinstance(mask, DTensor):
+                if any(not p.is_replicate() for p in mask.placements):
+                    raise ValueError(
+                        f"parallelize_module: attn_mask placed {mask.placements}: a mask must be of the global "
+                        "sequence on every rank (built from positions or a plain (B, N) attention_mask)"
+                    )
+                options["attn_mask"] = mask.to_local()
+            q_global, q, k, v = q, local_of(q), local_of(k), local_of(v)
+        with_documents = uses_documents and self.documents is not None
+        if not torch.compiler.is_compiling():  # no Python side effects in graphs (recompiles, checkpoints)
+            self.attention_calls += 1
+            self.document_calls += with_documents
+        if self.local_attention_only:
+            out = local_kernel(q, k, v, **{**options, "attn_mask": None} if sharded else options)
+        else:
+            if with_documents:
+                options["documents"] = self.documents
+            with self.propagation.allowed():
+                if self.ring_degree > 1 and kernel is None:
+                    out = hybrid_attention(q, k, v, self.sp_group, ring_degree=self.ring_degree, seq_len=self.seq_len, **options)
+                else:
+                    out = ulysses_attention(q, k, v, self.sp_group, seq_len=self.seq_len, kernel=kernel or self.kernel, **options)
+        if sharded:
+            return from_local(out, q_global, torch.Size((*q_global.shape[:3], out.shape[3])))
+        return out
+
+    def _loss_on_shards(self, logits, target, ignore_index, label_smoothing):
+        """Mean cross-entropy of sharded logits/targets (token rows matched by placement) as the
+        global token-weighted mean: a ``Replicate`` DTensor scalar."""
+        if not (isinstance(logits, DTensor) and isinstance(target, DTensor)) or logits.placements != target.placements:
+            raise ValueError(
+                "parallelize_module: F.cross_entropy got logits placed "
+                f"{getattr(logits, 'placements', 'plain')} and targets {getattr(target, 'placements', 'plain')}; "
+                "both must be sequence-sharded alike (compute the loss from the model's own outputs and "
+                "the labels passed to the forward)"
+            )
+        group = self.loss_group if self.loss_group is not None else self.sp_group
+        with self.propagation.allowed():
+            loss = token_weighted_cross_entropy(
+                local_of(logits), target.to_local(), group, ignore_index=ignore_index, label_smoothing=label_smoothing
+            )
+        mesh = logits.device_mesh
+        return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False, shape=loss.shape, stride=loss.stride())

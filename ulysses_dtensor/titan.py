@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .attention import ulysses_attention
 from .rewrite import active_mode
 
 
 def _module_is(module: nn.Module, name: str) -> bool:
     cls = type(module)
     return cls.__name__ == name and cls.__module__.startswith("torchtitan.")
+
+
+def is_titan_model(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is a torchtitan class."""
+    return any(type(m).__module__.startswith("torchtitan.") for m in model.modules())
 
 
 def use_ulysses_attention(model: nn.Module) -> None:
@@ -39,9 +43,16 @@ def _ulysses_flex_forward(q_BLNH, k_BLNH, v_BLNH, *, attention_masks, score_mod=
     if score_mod is not None or out_transform is not None:
         raise ValueError("Ulysses flex attention supports block masks, not score_mod / out_transform")
     mode = active_mode()
-    mode.attention_calls += 1
-    out = ulysses_attention(
-        q_BLNH.transpose(1, 2), k_BLNH.transpose(1, 2), v_BLNH.transpose(1, 2), mode.sp_group,
-        attn_mask=attention_masks, scale=scale, enable_gqa=enable_gqa, kernel="flex", seq_len=mode.seq_len,
+
+    def local_flex(q, k, v, attn_mask=None, **options):  # local_attention_only: this rank's block only
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        n = q.shape[2]
+        causal = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, n, n, device=q.device.type)
+        return flex_attention(q, k, v, block_mask=causal, **options)
+
+    out = mode.attend(
+        q_BLNH.transpose(1, 2), k_BLNH.transpose(1, 2), v_BLNH.transpose(1, 2), local_flex, kernel="flex",
+        uses_documents=False, attn_mask=attention_masks, scale=scale, enable_gqa=enable_gqa,
     )
     return out.transpose(1, 2)

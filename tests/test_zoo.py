@@ -1,0 +1,319 @@
+"""Models we did not write for sequence parallelism, run through ``parallelize_module`` on the
+propagation path (``Shard(seq)`` DTensor activations) vs one process, float64, forward and
+backward, sp = 2 and 4 with N not divisible by sp. Each must be exact or refused clearly before
+any collective; the forward's collectives are the attention exchanges and the loss reduction."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import rel_err, summed_grad_error
+from zoo_models import NanoGPT
+from ulysses_dtensor.launch import RankFailure
+
+VOCAB = 96
+TOL = 1e-10
+
+
+def _counted_step(model, call):
+    """Run ``call`` twice (the first forward also runs the one-time input checks) and return
+    the second forward's output, loss and collective counts forward / backward."""
+    from ulysses_dtensor import CollectiveCounter
+
+    call(model)
+    for p in model.parameters():
+        p.grad = None
+    with CollectiveCounter() as forward:
+        out, loss = call(model)
+    with CollectiveCounter() as backward:
+        loss.backward()
+    return out, loss, forward.counts(), backward.counts()
+
+
+def _expect_exchanges_only(forward, backward, layers: int, aux_losses: int = 0) -> None:
+    # the exchanges, the loss (token count, value) and one all-reduce per router aux loss
+    assert forward == {"all_to_all": 2 * layers, "all_reduce": 2 + aux_losses}, forward
+    assert backward == {"all_to_all": 2 * layers}, backward
+
+
+def _rank_nanogpt(ctx, attention: str, N: int, seed: int):
+    import ulysses_dtensor as U
+    from ulysses_dtensor.inputs import local_slice
+
+    torch.manual_seed(seed)
+    ref = NanoGPT(vocab=VOCAB, attention=attention).double()
+    model = U.parallelize_module(copy.deepcopy(ref), ctx.mesh(), U.UlyssesConfig(fsdp=False))
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, VOCAB, (2, N), generator=gen)
+    targets = torch.randint(0, VOCAB, (2, N), generator=gen)
+    targets[0, : N // 3] = -1  # nanoGPT's ignore_index; unevenly spread over the shards
+    ref_logits, ref_loss = ref(idx, targets)
+    ref_loss.backward()
+    logits, loss, forward, backward = _counted_step(model, lambda m: m(idx, targets))
+    _expect_exchanges_only(forward, backward, len(ref.h))
+    return {
+        "loss": rel_err(loss, ref_loss),
+        "logits": rel_err(logits, local_slice(ref_logits, ctx.rank, ctx.world, N)),
+        "grads": summed_grad_error(model, ref, ctx.group),
+    }
+
+
+@settings(max_examples=8)
+@given(
+    attention=st.sampled_from(["causal", "tril", "rope"]),
+    sp=st.sampled_from([2, 3, 4]),
+    N=st.integers(5, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_nanogpt_family_is_exact(ranks4, attention, sp, N, seed):
+    """nanoGPT's ``wpe(arange(t))``, an explicit ``ones(T, T).tril()`` mask, RoPE from
+    ``x.shape``: each was silently wrong (rel. error 0.5 / refused / 0.02) on local tensors."""
+    if N <= sp:
+        N = sp + 1 + N % 3
+    for rank, errors in enumerate(ranks4.run(_rank_nanogpt, attention, N, seed, world=sp)):
+        for name, err in errors.items():
+            assert err <= TOL, f"{attention} sp={sp} N={N} rank {rank}: {name} relative error {err:.3g}"
+
+
+def build_hf(family: str):
+    """A tiny random-init Hugging Face causal LM of ``family`` (sdpa attention, float64)."""
+    import transformers as T
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    configs = {
+        "llama": lambda: (T.LlamaConfig(**common), T.LlamaForCausalLM),
+        "llama-dynamic-rope": lambda: (
+            T.LlamaConfig(**{**common, "max_position_embeddings": 16},
+                          rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+            T.LlamaForCausalLM,
+        ),
+        "mistral-window": lambda: (T.MistralConfig(sliding_window=7, **common), T.MistralForCausalLM),
+        "qwen2-window": lambda: (
+            T.Qwen2Config(use_sliding_window=True, sliding_window=7, max_window_layers=1, **common), T.Qwen2ForCausalLM,
+        ),
+        "gemma3": lambda: (T.Gemma3TextConfig(sliding_window=7, head_dim=16, **common), T.Gemma3ForCausalLM),
+        "phi3": lambda: (T.Phi3Config(pad_token_id=0, **common), T.Phi3ForCausalLM),
+        "gpt-neox": lambda: (
+            T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=128, hidden_dropout=0.0,
+                            attention_dropout=0.0),
+            T.GPTNeoXForCausalLM,
+        ),
+        "gpt2": lambda: (T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, **no_dropout),
+                         T.GPT2LMHeadModel),
+        "olmo2": lambda: (T.Olmo2Config(**common), T.Olmo2ForCausalLM),
+        "falcon": lambda: (
+            T.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           new_decoder_architecture=True, num_kv_heads=2, hidden_dropout=0.0, attention_dropout=0.0),
+            T.FalconForCausalLM,
+        ),
+        "qwen3-moe": lambda: (
+            T.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                             output_router_logits=True, router_aux_loss_coef=0.5, **common),
+            T.Qwen3MoeForCausalLM,
+        ),
+        "mixtral": lambda: (
+            T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                            router_aux_loss_coef=0.5, **common),
+            T.MixtralForCausalLM,
+        ),
+    }
+    seq2seq = dict(  # the decoders of encoder-decoder families, as causal LMs (learned positions)
+        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=128,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    for name, config_cls, model_cls in [("bart", "BartConfig", "BartForCausalLM"), ("marian", "MarianConfig", "MarianForCausalLM"),
+                                        ("pegasus", "PegasusConfig", "PegasusForCausalLM"),
+                                        ("blenderbot", "BlenderbotConfig", "BlenderbotForCausalLM"),
+                                        ("plbart", "PLBartConfig", "PLBartForCausalLM"), ("mbart", "MBartConfig", "MBartForCausalLM")]:
+        configs[name] = lambda c=config_cls, m=model_cls: (getattr(T, c)(**seq2seq), getattr(T, m))
+    configs["bert-decoder"] = lambda: (
+        T.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                     is_decoder=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        T.BertLMHeadModel,
+    )
+    configs["roberta-decoder"] = lambda: (
+        T.RobertaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, is_decoder=True, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=1),
+        T.RobertaForCausalLM,
+    )
+    config, cls = configs[family]()
+    torch.manual_seed(0)
+    # transformers' grouped-mm experts kernel has no float64 on CPU; its eager experts loop does
+    experts = {"experts_implementation": "eager"} if family in ("qwen3-moe", "mixtral") else {}
+    return cls._from_config(config, attn_implementation="sdpa", **experts).double().train()
+
+
+# Gemma3's RMSNorm computes in float32 (in one process too), so its norm-weight gradients agree
+# to float32 rounding only; every other family agrees to float64's.
+GRAD_TOL = {"gemma3": 1e-6}
+
+
+def _rank_hf(ctx, family: str, N: int, padded: bool, fsdp: bool = False):
+    import ulysses_dtensor as U
+    from ulysses_dtensor.inputs import local_slice
+
+    ref = build_hf(family)
+    model = U.parallelize_module(copy.deepcopy(ref), ctx.mesh(), U.UlyssesConfig(fsdp=fsdp))
+    gen = torch.Generator().manual_seed(N)
+    ids = torch.randint(0, VOCAB, (2, N), generator=gen)
+    labels = ids.clone()
+    labels[0, : N // 3] = -100
+    kwargs = {}
+    if padded:  # left padding of row 1, as a tokenizer pads a batch
+        mask = torch.ones(2, N, dtype=torch.long)
+        mask[1, :5] = 0
+        labels[1, :5] = -100
+        kwargs["attention_mask"] = mask
+    ref_out = ref(input_ids=ids, labels=labels, **kwargs)
+    ref_out.loss.backward()
+
+    def call(m):
+        out = m(input_ids=ids, labels=labels, **kwargs)
+        return out, out.loss
+
+    out, loss, forward, backward = _counted_step(model, call)
+    if fsdp:  # parameters sharded over the sp ranks: FSDP2's all-gathers and reduce-scatters too
+        return {
+            "loss": rel_err(loss, ref_out.loss) / 1e4,
+            "grads": max(
+                (p.grad.full_tensor() - q.grad).abs().max().item() / max(q.grad.abs().max().item(), 1e-6)
+                for p, q in zip(model.parameters(), ref.parameters()) if q.grad is not None
+            ),
+        }
+    _expect_exchanges_only(forward, backward, 2, aux_losses=int(getattr(ref_out, "aux_loss", None) is not None))
+    errors = {
+        # transformers computes its causal-LM loss in float32 (here too): its rounding, not ours
+        "loss": rel_err(loss, ref_out.loss) / 1e4,
+        "logits": rel_err(out.logits, local_slice(ref_out.logits, ctx.rank, ctx.world, N)),
+        # floor: key-bias gradients are zero in exact arithmetic (rounding noise in one process)
+        "grads": summed_grad_error(model, ref, ctx.group, floor=1e-6) * TOL / GRAD_TOL.get(family, TOL),
+    }
+    if getattr(ref_out, "aux_loss", None) is not None:
+        # the router's load-balancing loss over all tokens (float32 in transformers)
+        errors["aux_loss"] = rel_err(out.aux_loss, ref_out.aux_loss) / 1e4
+    return errors
+
+
+HF_EXACT = ["llama", "llama-dynamic-rope", "mistral-window", "qwen2-window", "gemma3", "phi3", "gpt-neox", "gpt2",
+            "olmo2", "falcon", "qwen3-moe", "mixtral", "bart", "marian", "pegasus", "blenderbot", "plbart", "mbart",
+            "bert-decoder"]
+
+
+@pytest.mark.parametrize("family", HF_EXACT)
+@pytest.mark.parametrize("sp,N", [(2, 19), (4, 30)])
+def test_hf_family_is_exact(ranks4, family, sp, N):
+    for rank, errors in enumerate(ranks4.run(_rank_hf, family, N, False, world=sp)):
+        for name, err in errors.items():
+            assert err <= TOL, f"{family} sp={sp} N={N} rank {rank}: {name} (scaled) error {err:.3g}"
+
+
+@pytest.mark.parametrize("family", ["bert-decoder", "mbart", "llama"])
+def test_hf_family_with_fsdp_is_exact(ranks4, family):
+    """FSDP2 units from HF's ``_no_split_modules``: nested ones (mBART: "Cannot concatenate
+    overlapping meshes") and ones tied to the LM head (BERT: "Parameter ... is shared") are left
+    to the root unit."""
+    for rank, errors in enumerate(ranks4.run(_rank_hf, family, 30, False, True, world=4)):
+        for name, err in errors.items():
+            assert err <= TOL, f"{family} FSDP sp=4 rank {rank}: {name} (scaled) error {err:.3g}"
+
+
+def test_roberta_position_cumsum_is_refused(ranks4):
+    """RoBERTa derives positions with a cumsum over the tokens: refused at the op, by name."""
+    with pytest.raises(RankFailure, match=r"RobertaEmbeddings.*cumsum"):
+        ranks4.run(_rank_hf, "roberta-decoder", 19, False, world=2)
+
+
+@pytest.mark.parametrize("sp,N", [(2, 19), (4, 30)])
+def test_hf_padding_mask_is_exact(ranks4, sp, N):
+    """A padded batch's attention_mask (was refused): HF builds the global mask from it."""
+    for rank, errors in enumerate(ranks4.run(_rank_hf, "llama", N, True, world=sp)):
+        for name, err in errors.items():
+            assert err <= TOL, f"padded llama sp={sp} N={N} rank {rank}: {name} (scaled) error {err:.3g}"
+
+
+def _rank_refused(ctx, family: str, N: int):
+    import ulysses_dtensor as U
+    from ulysses_dtensor import CollectiveCounter
+
+    with CollectiveCounter() as counter:
+        try:
+            model = U.parallelize_module(build_hf(family), ctx.mesh(), U.UlyssesConfig(fsdp=False))
+            ids = torch.randint(0, VOCAB, (1, N))
+            model(input_ids=ids, labels=ids)
+        except ValueError as e:
+            return str(e), counter.counts().get("all_to_all", 0)
+    return None, counter.counts().get("all_to_all", 0)
+
+
+def test_one_token_per_rank_is_refused(ranks4):
+    """N = sp (HF's is_causal = query.shape[2] > 1 made it silently wrong on local tensors)."""
+    for message, exchanges in ranks4.run(_rank_refused, "llama", 2, world=2):
+        assert message is not None and "one token per rank" in message, message
+        assert exchanges == 0
+
+
+class _SequenceCumsum(torch.nn.Module):
+    """A model with an op DTensor can only run on the gathered sequence (a cumulative sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, 16)
+        self.mix = torch.nn.Linear(16, 16)
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        q = x.view(*x.shape[:2], 2, 8).transpose(1, 2)
+        x = x + torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(x.shape)
+        return self.mix(x.cumsum(dim=1))
+
+
+def _rank_gathering_model(ctx):
+    import ulysses_dtensor as U
+
+    torch.manual_seed(0)
+    model = U.parallelize_module(_SequenceCumsum().double(), ctx.mesh(), U.UlyssesConfig(fsdp=False))
+    model(torch.randint(0, VOCAB, (2, 19)))
+
+
+def test_an_op_that_would_gather_the_sequence_is_refused(ranks4):
+    """Never an unnoticed all-gather of activations: the op and the module are named."""
+    with pytest.raises(RankFailure, match=r"_SequenceCumsum.*cumsum.*all_gather") as failure:
+        ranks4.run(_rank_gathering_model, world=2)
+    assert "on a sequence-sharded activation" in str(failure.value)
+
+
+def _rank_compiled_nanogpt(ctx):
+    import ulysses_dtensor as U
+
+    torch.manual_seed(0)
+    model = U.parallelize_module(NanoGPT(vocab=VOCAB).double(), ctx.mesh(), U.UlyssesConfig(fsdp=False))
+    idx = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(0))
+    eager = model(idx)[0]
+    try:
+        torch.compile(model, backend="eager", fullgraph=True)(idx)
+        message = None
+    except Exception as e:  # noqa: BLE001 (Dynamo wraps our ValueError in its Unsupported)
+        message = str(e)
+    # without fullgraph Dynamo runs the refused frame eagerly: the propagation path, exact
+    return message, rel_err(torch.compile(model, backend="eager")(idx)[0], eager)
+
+
+def test_compile_of_a_model_without_positions_is_refused(ranks4):
+    """torch.compile runs the local path (the propagated forward does not compile yet), where
+    nanoGPT's arange(t) would be local: refused, not silently wrong."""
+    for message, err in ranks4.run(_rank_compiled_nanogpt, world=2):
+        assert message is not None and "runs the local-tensor path" in message, message
+        assert err == 0.0, err
