@@ -117,13 +117,18 @@ def _load_benchmark(name: str):
     return module
 
 
+def _smoke_step_args(ctx, modes: list[str]) -> dict:
+    """Options of a GPT step benchmark (``bench.step_args``) for a smoke run: N=64, one step."""
+    return {"seq_len": 64, "sp": ctx.world, "steps": 1, "rounds": 1, "dim": 32, "layers": 1, "heads": 2, "kv_heads": 1,
+            "modes": modes}
+
+
 def _rank_compile_overhead(ctx):
     from ulysses_dtensor.bench.measure import unpin
     from ulysses_dtensor.compile import enable_comm_overlap
 
     module = _load_benchmark("compile_overhead")
-    args = {"seq_len": 64, "sp": ctx.world, "steps": 1, "rounds": 1, "dim": 32, "layers": 1, "heads": 2, "kv_heads": 1,
-            "modes": ["eager", "compiled_fx_pass"]}
+    args = _smoke_step_args(ctx, ["eager", "compiled_fx_pass"])
     try:
         return module._rank_bench(ctx, args)
     finally:  # process-wide settings: back to the defaults for later tests
@@ -141,3 +146,24 @@ def test_compile_overhead_script_measures_every_mode(ranks4):
         assert r["eager"]["exchange_ms"] > 0 and r["eager"]["step_ms_median"] > 0, r["eager"]
         compiled = r["compiled_fx_pass"]
         assert compiled["collective_ms"] > 0 and compiled["wait_ms"] > 0 and compiled["layout_kernels_ms"] > 0, compiled
+
+
+def _rank_propagation_overhead(ctx):
+    from ulysses_dtensor.bench.measure import unpin
+
+    module = _load_benchmark("propagation_overhead")
+    args = _smoke_step_args(ctx, ["propagation", "local"])
+    try:
+        return module._rank_bench(ctx, args)
+    finally:
+        unpin()
+
+
+def test_propagation_overhead_script_measures_both_paths(ranks4):
+    """benchmarks/propagation_overhead.py (smoke: N=64): both paths send the same bytes and
+    reach the same loss."""
+    for r in ranks4.run(_rank_propagation_overhead, world=2, timeout_s=600):
+        prop, local = r["propagation"], r["local"]
+        assert prop["step_ms_median"] > 0 and local["step_ms_median"] > 0
+        assert prop["bytes_sent"] == local["bytes_sent"] > 0, (prop, local)
+        assert abs(r["losses"]["propagation"] - r["losses"]["local"]) <= 1e-5 * abs(r["losses"]["local"])

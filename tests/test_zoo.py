@@ -102,6 +102,12 @@ def build_hf(family: str):
         ),
         "gemma3": lambda: (T.Gemma3TextConfig(sliding_window=7, head_dim=16, **common), T.Gemma3ForCausalLM),
         "phi3": lambda: (T.Phi3Config(pad_token_id=0, **common), T.Phi3ForCausalLM),
+        "phi3-longrope": lambda: (  # N beyond original_max_position_embeddings: the long factors
+            T.Phi3Config(pad_token_id=0, **common, rope_parameters={
+                "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+                "long_factor": [1.0 + i / 4 for i in range(8)], "short_factor": [1.0] * 8}),
+            T.Phi3ForCausalLM,
+        ),
         "gpt-neox": lambda: (
             T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=128, hidden_dropout=0.0,
@@ -207,7 +213,7 @@ def _rank_hf(ctx, family: str, N: int, padded: bool, fsdp: bool = False):
     return errors
 
 
-HF_EXACT = ["llama", "llama-dynamic-rope", "mistral-window", "qwen2-window", "gemma3", "phi3", "gpt-neox", "gpt2",
+HF_EXACT = ["llama", "llama-dynamic-rope", "mistral-window", "qwen2-window", "gemma3", "phi3", "phi3-longrope", "gpt-neox", "gpt2",
             "olmo2", "falcon", "qwen3-moe", "mixtral", "bart", "marian", "pegasus", "blenderbot", "plbart", "mbart",
             "bert-decoder"]
 
