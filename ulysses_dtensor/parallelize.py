@@ -143,7 +143,7 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     propagate = _use_propagation(model, config.propagation, sp_mesh(mesh).size())
     _install_attention(model, propagate)
     check_same_model(model, dp_sp_mesh(mesh).get_group())
-    wrapper = _SequenceParallelForward(model, mesh, config)
+    wrapper = _SequenceParallelForward(model, mesh, config, propagate)
     if config.compile_overlap == "fx_pass" and wrapper.ring_degree > 1:
         # Measured: the hybrid's compiled forward then hangs in its first all-to-all on gloo
         # (tests/test_hybrid.py); until that is understood, refuse rather than hang.
@@ -190,7 +190,7 @@ def _install_attention(model: nn.Module, propagate: bool) -> None:
 class _SequenceParallelForward:
     """The replacement ``forward``: shard inputs, global positions, rewritten attention/loss."""
 
-    def __init__(self, model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig):
+    def __init__(self, model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig, propagate: bool):
         self.model_name = type(model).__name__
         self.original = model.forward
         self.config = config
@@ -216,7 +216,7 @@ class _SequenceParallelForward:
         self.model = model
         self.shapes_checked = False
         self.last_attention_calls = 0
-        self.propagate = _use_propagation(model, config.propagation, self.world)
+        self.propagate = propagate  # _use_propagation
         # under torch.compile the local path runs: exact for models we know to take global
         # positions there (HF, torchtitan, an explicit position argument or buffer)
         self.local_path_is_exact = bool(

@@ -5,18 +5,20 @@
 propagation keeps the activations sharded. ``torch.arange(t)``, ``torch.ones(T, T).tril()``,
 RoPE tables, Hugging Face's mask builders and ``query.shape[2]`` all get the global values, so a
 model needs no adapter to be exact. Parameters, buffers and tensors the forward creates are
-plain tensors, treated as ``Replicate`` (DTensor's implicit replication, forward and backward).
+plain tensors; where one meets a DTensor it becomes ``Replicate`` (:func:`replicate_plain_tensors`,
+called by the rewrite mode), so the autograd graph holds DTensors only. (torch's
+``implicit_replication`` is not enough: its flag is thread-local and autograd restores the
+forward's thread state per node, so the backward meets plain tensors mixed with DTensors.)
 
 What this module owns:
 
-* :class:`SequencePropagation`, entered around one forward: implicit replication plus
-  :class:`SequenceCollectiveGuard`, which refuses every collective DTensor would issue to
-  redistribute an activation (an all-gather of the sequence, ...) with an error naming the op
-  and the module, before the collective runs. Only the attention exchanges, the loss and an
-  all-reduce of a reduction (``x.mean()``, a max for dynamic RoPE) are let through.
-* the boundary to plain tensors: :func:`local_of` (a DTensor's local shard, whose backward
-  re-enters implicit replication for the rest of the backward pass) and
-  :func:`grad_share` (a parameter's DTensor gradient as this rank's share of the sum).
+* :class:`SequencePropagation`, entered around one forward: :class:`SequenceCollectiveGuard`,
+  which refuses every collective DTensor would issue to redistribute an activation (an
+  all-gather of the sequence, ...) with an error naming the op and the module, before the
+  collective runs. Only the attention exchanges, the loss and an all-reduce of a reduction
+  (``x.mean()``, a max for dynamic RoPE) are let through.
+* the boundary to plain tensors: :func:`as_replicated` and :func:`grad_share` (a replicated
+  tensor's DTensor gradient as this rank's share of the sum), :func:`local_of`, :func:`from_local`.
 
 Attention and the loss are routed by ``rewrite.UlyssesFunctionMode``, which runs them on the
 local shards: the exchange, the kernels and the bytes are those of :func:`ulysses_attention`.
@@ -131,7 +133,7 @@ class SequenceCollectiveGuard(TorchDispatchMode):
     an activation), naming the op being propagated and the module running it.
 
     ``modules`` is the stack of module names currently in their forward (kept by
-    :func:`track_modules`). ``collectives`` counts what was let through, by kind.
+    :func:`track_modules`).
     """
 
     def __init__(self, modules: list[str]):
