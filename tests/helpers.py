@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ulysses_dtensor.inputs import local_slice
 
@@ -84,3 +85,19 @@ def summed_grad_error(model: torch.nn.Module, reference: torch.nn.Module, group,
         scale = max(expected[plain].abs().max().item(), floor, 1e-30)
         errors.append((grad.double() - expected[plain].double()).abs().max().item() / scale)
     return max(errors)
+
+
+class LargestBoolTensor(TorchDispatchMode):
+    """Records the element count of the largest bool tensor any op produces inside the block
+    (an attention mask materialized as (N, N) shows up here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
+                self.numel = max(self.numel, t.numel())
+        return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -11,6 +13,17 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 import ulysses_dtensor
 from helpers import TOL, make_mask, rel_err
 from ulysses_dtensor import CollectiveCounter, UlyssesLayout
+
+
+def _with_rule(rank_fn):
+    """Run a rank function with the DTensor rule installed (importing the package installs nothing)."""
+
+    @functools.wraps(rank_fn)
+    def run(*args, **kwargs):
+        with ulysses_dtensor.dtensor_attention_rule():
+            return rank_fn(*args, **kwargs)
+
+    return run
 
 
 def _mesh(ctx, shape):
@@ -24,6 +37,7 @@ def _mesh(ctx, shape):
     return ctx._meshes[key], [Shard(0), Shard(2)]
 
 
+@_with_rule
 def _rank_dtensor_sdpa(ctx, q, k, v, grad_out, kwargs, mesh_shape=None):
     mesh, placements = _mesh(ctx, mesh_shape)
     q, k, v = (distribute_tensor(t, mesh, placements).requires_grad_() for t in (q, k, v))
@@ -105,6 +119,7 @@ def test_dtensor_sdpa_on_dp_sp_mesh(ranks4, c):
     _check(ranks4, c, mesh_shape=(2, 2))
 
 
+@_with_rule
 def _rank_redistribute_shard_to_shard(ctx, x):
     d = distribute_tensor(x, ctx.mesh(), [Shard(2)])
     with CollectiveCounter() as counter:
@@ -119,6 +134,7 @@ def test_counter_sees_dtensors_all_gather_fallback(ranks4):
     assert all(c.get("all_gather", 0) >= 1 and "all_to_all" not in c for c in counts), counts
 
 
+@_with_rule
 def _rank_replicated_sdpa(ctx, q):
     d = distribute_tensor(q, ctx.mesh(), [Replicate()])
     with CollectiveCounter() as counter:
@@ -137,6 +153,30 @@ def test_inputs_without_sequence_sharding_are_left_to_dtensor(ranks4):
         assert rel_err(with_rule[0][0], F.scaled_dot_product_attention(q, q, q)) <= 1e-12
 
 
+def test_import_installs_nothing_and_the_context_manager_undoes_itself():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, ulysses_dtensor\n"
+        "from torch.distributed.tensor import DTensor\n"
+        "assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default not in "
+        "DTensor._op_dispatcher._custom_op_handlers\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    from torch.distributed.tensor import DTensor
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    handlers = DTensor._op_dispatcher._custom_op_handlers
+    installed = op in handlers
+    with ulysses_dtensor.dtensor_attention_rule():
+        assert op in handlers
+        with ulysses_dtensor.dtensor_attention_rule():
+            assert op in handlers
+        assert op in handlers
+    assert (op in handlers) == installed
+
+
 def test_register_is_idempotent_and_unregister_restores():
     from torch.distributed.tensor import DTensor
 
@@ -151,6 +191,7 @@ def test_register_is_idempotent_and_unregister_restores():
     assert op in handlers
 
 
+@_with_rule
 def _rank_mismatched_placements(ctx):
     mesh = ctx.mesh()
     x = torch.randn(1, 4, 8, 2)
@@ -169,6 +210,7 @@ def test_mismatched_placements_are_refused_before_any_collective(ranks4):
         assert name == "ValueError" and "same placements" in msg and collectives == 0, (name, msg)
 
 
+@_with_rule
 def _rank_sum_backward(ctx, x):
     mesh = ctx.mesh()
     q = distribute_tensor(x, mesh, [Shard(2)]).requires_grad_()
@@ -185,6 +227,7 @@ def test_backward_from_a_replicated_output_gradient(ranks4):
         assert rel_err(grad, ref.grad) <= 1e-10
 
 
+@_with_rule
 def _rank_backward_without_saved_heads(ctx, x, grad_out):
     mesh = ctx.mesh()
     q = distribute_tensor(x, mesh, [Shard(2)]).requires_grad_()

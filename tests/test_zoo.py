@@ -5,6 +5,7 @@ any collective; the forward's collectives are the attention exchanges and the lo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import rel_err, summed_grad_error
+from helpers import LargestBoolTensor, rel_err, summed_grad_error
 from zoo_models import NanoGPT
 from ulysses_dtensor.launch import RankFailure
 
@@ -167,7 +168,7 @@ def build_hf(family: str):
 GRAD_TOL = {"gemma3": 1e-6}
 
 
-def _rank_hf(ctx, family: str, N: int, padded: bool, fsdp: bool = False):
+def _rank_hf(ctx, family: str, N: int, padded: bool, fsdp: bool = False, probes=None):
     import ulysses_dtensor as U
     from ulysses_dtensor.inputs import local_slice
 
@@ -183,14 +184,17 @@ def _rank_hf(ctx, family: str, N: int, padded: bool, fsdp: bool = False):
         mask[1, :5] = 0
         labels[1, :5] = -100
         kwargs["attention_mask"] = mask
-    ref_out = ref(input_ids=ids, labels=labels, **kwargs)
-    ref_out.loss.backward()
+    ref_probe, probe = probes or (contextlib.nullcontext(), contextlib.nullcontext())
+    with ref_probe:
+        ref_out = ref(input_ids=ids, labels=labels, **kwargs)
+        ref_out.loss.backward()
 
     def call(m):
         out = m(input_ids=ids, labels=labels, **kwargs)
         return out, out.loss
 
-    out, loss, forward, backward = _counted_step(model, call)
+    with probe:
+        out, loss, forward, backward = _counted_step(model, call)
     if fsdp:  # parameters sharded over the sp ranks: FSDP2's all-gathers and reduce-scatters too
         return {
             "loss": rel_err(loss, ref_out.loss) / 1e4,
@@ -248,6 +252,29 @@ def test_hf_padding_mask_is_exact(ranks4, sp, N):
     for rank, errors in enumerate(ranks4.run(_rank_hf, "llama", N, True, world=sp)):
         for name, err in errors.items():
             assert err <= TOL, f"padded llama sp={sp} N={N} rank {rank}: {name} (scaled) error {err:.3g}"
+
+
+def _rank_hf_mask_sizes(ctx, family: str, N: int, padded: bool):
+    """``_rank_hf`` with the largest bool tensor of the one-process and the parallel step."""
+    from ulysses_dtensor import masks
+
+    masks.DEFAULT_TILE = 4  # tiles smaller than N, so a dense mask would stand out
+    probes = (LargestBoolTensor(), LargestBoolTensor())
+    errors = _rank_hf(ctx, family, N, padded, probes=probes)
+    return errors, probes[0].numel, probes[1].numel
+
+
+@pytest.mark.parametrize("family,padded", [("mistral-window", False), ("mistral-window", True), ("gemma3", False),
+                                           ("qwen2-window", False), ("llama", True)])
+def test_hf_window_and_padding_masks_stay_structure(ranks4, family, padded):
+    """HF builds sliding-window and padding masks as (B, 1, N, N) tensors; on the propagation
+    path they reach the kernel as a CausalMask (masks.py) and no rank holds an (N, N) mask."""
+    N = 30
+    for rank, (errors, ref_numel, numel) in enumerate(ranks4.run(_rank_hf_mask_sizes, family, N, padded, world=2)):
+        for name, err in errors.items():
+            assert err <= TOL, f"{family} padded={padded} rank {rank}: {name} (scaled) error {err:.3g}"
+        assert ref_numel >= N * N, ref_numel  # one process materializes it: the probe sees masks
+        assert numel < N * N, f"{family} padded={padded} rank {rank}: a bool tensor of {numel} >= N² elements"
 
 
 def _rank_refused(ctx, family: str, N: int):

@@ -16,6 +16,7 @@ from .comm import ExchangePlan, check_4d, exchange_head_to_seq, exchange_seq_to_
 from .documents import Documents, as_documents
 from .kernels import resolve_kernel
 from .layout import UlyssesLayout
+from .masks import CausalMask
 
 Tensor = torch.Tensor
 
@@ -44,7 +45,9 @@ def ulysses_attention(
             query heads read, so ``H_kv < P`` moves no replicated kv head.
         group: the sequence-parallel process group (default: world).
         attn_mask: mask of the *global* sequence, broadcastable to (B, H, N, N): bool (True =
-            attend) or additive in q's dtype. With ``kernel="flex"``, a BlockMask of (N, N).
+            attend) or additive in q's dtype. With ``kernel="flex"``, a BlockMask of (N, N). Or a
+            :class:`~ulysses_dtensor.masks.CausalMask` (causal, sliding window, key padding as
+            structure: never an (N, N) tensor with the SDPA kernel).
         dropout_p, is_causal, scale, enable_gqa: as in ``F.scaled_dot_product_attention``.
         kernel: "sdpa" (default), "flex", "flash" or a callable (see ``kernels.LocalAttention``).
         seq_len: global N; default ``N_r * P``. Shards follow DTensor's ``Shard`` rule, so for
@@ -204,6 +207,12 @@ def check_attention_inputs(
 
 
 def _check_mask(mask, q: Tensor, batch: int, num_heads: int, seq_len: int) -> None:
+    if isinstance(mask, CausalMask):
+        if mask.seq_len != seq_len or mask.batch not in (1, batch):
+            raise ValueError(
+                f"CausalMask of batch {mask.batch} and N = {mask.seq_len} does not fit (B, N) = ({batch}, {seq_len})"
+            )
+        return
     if not isinstance(mask, Tensor):
         shape = getattr(mask, "shape", None)  # flex BlockMask
         if shape is None:

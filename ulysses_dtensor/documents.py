@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from .masks import CausalMask
+
 Tensor = torch.Tensor
 
 DEFAULT_CHUNK_TOKENS = 2048
@@ -276,6 +278,8 @@ def with_documents(documents: Documents, attn_mask, is_causal: bool, rows: slice
     mask = documents.dense_mask(is_causal, rows)
     if attn_mask is None:
         return mask
+    if isinstance(attn_mask, CausalMask):
+        attn_mask = attn_mask.dense(mask.device)
     if attn_mask.dtype == torch.bool:
         return attn_mask & mask
     return attn_mask.masked_fill(~mask, float("-inf"))

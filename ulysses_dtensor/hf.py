@@ -1,9 +1,13 @@
 """Hugging Face transformers: "sdpa" attention as Ulysses, with masks of the global sequence.
 
 On the propagation path (eager, the default) HF's own SDPA attention and mask builders run on
-``Shard(seq)`` DTensors and see the global sequence: causal, sliding-window, padding and packed
-masks come out as in one process, and ``F.scaled_dot_product_attention`` is routed to Ulysses
-attention. Nothing of HF is replaced there.
+``Shard(seq)`` DTensors and see the global sequence, and ``F.scaled_dot_product_attention`` is
+routed to Ulysses attention. Only the causal mask builders (``create_causal_mask``,
+``create_sliding_window_causal_mask``, as the model's modules bound them) are wrapped for the
+forward's duration (``propagated_forward``): where HF would materialize a (B, 1, N, N) sliding-
+window or padding mask they return a :class:`~ulysses_dtensor.masks.CausalMask` structure
+instead, which the local kernel computes from. Masks they cannot describe (packed position
+resets, custom or/and mask functions, a KV cache) are HF's own, dense.
 
 The local-tensor path (under torch.compile, or ``UlyssesConfig(propagation=False)``) runs the
 model on N/P tokens, where HF would build masks of this rank's block only. So a parallelized HF
@@ -17,10 +21,15 @@ on that literal name (Falcon).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import inspect
+from typing import Callable, Iterator
 
+import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
+from .masks import CausalMask, valid_runs
+from .namespaces import model_namespaces, rebound
 from .rewrite import active_mode
 
 IMPLEMENTATION = "ulysses_sdpa"
@@ -40,16 +49,11 @@ def expert_count(model: nn.Module) -> int | None:
 
 
 def _ulysses_sdpa_mask(*, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, device="cpu", **kwargs):
-    """HF's SDPA mask inside a parallelized forward. Propagation path: HF's own ``sdpa_mask``
-    (its shapes are global already). Local path: the global causal mask — None (SDPA's
+    """HF's SDPA mask on the local path (local shapes): the global causal mask — None (SDPA's
     is_causal) when HF may skip it, else (B, 1, N, N); a window shorter than N is refused."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-    mode = active_mode()
-    if mode.propagation.active:
-        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                         kv_offset=kv_offset, device=device, **kwargs)
-    seq_len = mode.seq_len
+    seq_len = active_mode().seq_len
     if q_offset or kv_offset or kv_length != q_length:
         raise ValueError("ulysses_sdpa masks are built inside a parallelized forward without a KV cache")
     window = kwargs.get("local_size")
@@ -94,6 +98,75 @@ def use_ulysses_attention(model: nn.Module, refuse_windows: bool) -> None:
         config = getattr(module, "config", None)
         if getattr(config, "_attn_implementation", None) == "sdpa":
             config._attn_implementation = IMPLEMENTATION
+
+
+# HF's causal mask builders, as model modules import them by name -> whether it is the sliding one
+CAUSAL_MASK_BUILDERS = {"create_causal_mask": False, "create_sliding_window_causal_mask": True}
+# builder arguments whose presence makes the mask something else than causal ∧ window ∧ padding
+_NOT_STRUCTURAL = ("cache", "past_key_values", "or_mask_function", "and_mask_function", "block_sequence_ids")
+_DENSE = object()  # "let HF build it"
+
+
+def causal_mask_structure(arguments: dict, sliding: bool):
+    """The mask an HF causal builder called with ``arguments`` would build, as a CausalMask
+    (None: plain is_causal, as HF returns then), or ``_DENSE`` when it is not one we describe
+    exactly or the call is not on the propagation path (plain, local-shape inputs)."""
+    embeds, config = arguments.get("inputs_embeds"), arguments.get("config")
+    if not isinstance(embeds, DTensor) or any(arguments.get(n) is not None for n in _NOT_STRUCTURAL):
+        return _DENSE
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return _DENSE
+    batch, n = embeds.shape[0], embeds.shape[1]
+    padding = arguments.get("attention_mask")
+    if padding is not None:
+        padding = padding.full_tensor() if isinstance(padding, DTensor) else padding
+        if padding.dim() != 2 or tuple(padding.shape) != (batch, n):
+            return _DENSE
+        padding = padding.to(device=embeds.device, dtype=torch.bool)
+        padding = None if bool(padding.all()) else padding
+    positions = arguments.get("position_ids")
+    if padding is None and positions is not None:  # HF reads packed resets only without a mask
+        positions = positions.full_tensor() if isinstance(positions, DTensor) else positions
+        if positions.shape[-1] != n or bool((positions.diff(dim=-1) != 1).any()):
+            return _DENSE
+    window = getattr(config, "sliding_window", None) if sliding else None
+    if sliding and window is None:
+        return _DENSE  # HF raises its own error
+    if window is not None and window >= n:
+        window = None  # reaches every earlier key
+    if window is None and padding is None:
+        return None
+    if window is None and valid_runs(padding) is None:
+        return _DENSE  # padding with holes and no window: SDPA needs the dense mask
+    return CausalMask(batch, n, window, padding)
+
+
+def structured_mask_builder(original: Callable, sliding: bool) -> Callable:
+    """``original`` (an HF causal mask builder) returning :func:`causal_mask_structure`'s
+    CausalMask where it describes the call."""
+    signature = inspect.signature(original)
+
+    def build_mask(*args, **kwargs):
+        try:
+            arguments = signature.bind(*args, **kwargs).arguments
+        except TypeError:
+            return original(*args, **kwargs)
+        mask = causal_mask_structure(arguments, sliding)
+        return original(*args, **kwargs) if mask is _DENSE else mask
+
+    return build_mask
+
+
+@contextlib.contextmanager
+def propagated_forward(model: nn.Module) -> Iterator[None]:
+    """HF's code for a propagated forward: the configs say "sdpa" (``native_sdpa``) and the
+    model's causal mask builders return structures (:func:`structured_mask_builder`)."""
+    builders = {
+        name: (lambda original, sliding=sliding: structured_mask_builder(original, sliding))
+        for name, sliding in CAUSAL_MASK_BUILDERS.items()
+    }
+    with native_sdpa(model), rebound(model_namespaces(model), builders):
+        yield
 
 
 @contextlib.contextmanager

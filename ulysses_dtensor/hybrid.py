@@ -26,6 +26,7 @@ from .attention import _mask_for_heads, check_attention_inputs, ulysses_attentio
 from .comm import ExchangePlan, exchange_head_to_seq, exchange_seq_to_head, group_rank_world
 from .documents import Documents, as_documents
 from .layout import UlyssesLayout, seq_shard_offsets
+from .masks import CausalMask
 from .ring import BlockMask, RingPlan, ring_attention
 
 Tensor = torch.Tensor
@@ -165,6 +166,8 @@ def hybrid_attention(
     documents = as_documents(documents)
     if dropout_p:
         raise ValueError("hybrid Ulysses × ring attention has no dropout; use dropout_p=0")
+    if isinstance(attn_mask, CausalMask):
+        attn_mask = attn_mask.dense(q.device)  # the ring indexes a dense mask by token positions
     if attn_mask is not None and not isinstance(attn_mask, Tensor):
         raise ValueError(
             "hybrid Ulysses × ring attention takes a tensor attn_mask (or documents), not a flex "

@@ -19,6 +19,8 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from .masks import CausalMask, sdpa_causal_mask
+
 Tensor = torch.Tensor
 
 
@@ -41,7 +43,10 @@ class LocalAttention(Protocol):
 
 
 def sdpa_kernel(q, k, v, *, attn_mask, is_causal, scale, enable_gqa, dropout_p):
-    """``F.scaled_dot_product_attention``; any backend torch picks (flash/efficient/cudnn/math)."""
+    """``F.scaled_dot_product_attention``; any backend torch picks (flash/efficient/cudnn/math).
+    A :class:`~ulysses_dtensor.masks.CausalMask` is computed from its structure (no (N, N) mask)."""
+    if isinstance(attn_mask, CausalMask):
+        return sdpa_causal_mask(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
         enable_gqa=enable_gqa,
@@ -49,7 +54,7 @@ def sdpa_kernel(q, k, v, *, attn_mask, is_causal, scale, enable_gqa, dropout_p):
 
 
 def check_sdpa(attn_mask, dropout_p: float) -> None:
-    if attn_mask is not None and not isinstance(attn_mask, Tensor):
+    if attn_mask is not None and not isinstance(attn_mask, (Tensor, CausalMask)):
         raise TypeError(f"kernel='sdpa' takes attn_mask as a Tensor, got {type(attn_mask).__name__}")
 
 
@@ -60,6 +65,10 @@ def flex_kernel(q, k, v, *, attn_mask, is_causal, scale, enable_gqa, dropout_p):
     """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    if isinstance(attn_mask, CausalMask):
+        n = attn_mask.seq_len
+        batch = attn_mask.batch if attn_mask.key_padding is not None else None
+        attn_mask = create_block_mask(attn_mask.mask_mod(), batch, None, n, n, device=q.device.type)
     if is_causal:
         n_q, n_kv = q.shape[2], k.shape[2]
         attn_mask = create_block_mask(
@@ -73,7 +82,7 @@ def check_flex(attn_mask, dropout_p: float) -> None:
 
     if dropout_p:
         raise ValueError("kernel='flex' does not support dropout_p; use kernel='sdpa'")
-    if attn_mask is not None and not isinstance(attn_mask, BlockMask):
+    if attn_mask is not None and not isinstance(attn_mask, (BlockMask, CausalMask)):
         raise TypeError(
             f"kernel='flex' takes attn_mask as a flex_attention BlockMask of the global sequence, "
             f"got {type(attn_mask).__name__}; use kernel='sdpa' for tensor masks"
@@ -86,13 +95,19 @@ def flash_attn_available() -> bool:
 
 
 def flash_kernel(q, k, v, *, attn_mask, is_causal, scale, enable_gqa, dropout_p):
-    """flash-attn 2 ``flash_attn_func`` (CUDA, fp16/bf16). No tensor masks: causal or none."""
+    """flash-attn 2 ``flash_attn_func`` (CUDA, fp16/bf16). No tensor masks: causal or none, or a
+    :class:`~ulysses_dtensor.masks.CausalMask` without padding (its window as ``window_size``)."""
     from flash_attn import flash_attn_func
 
+    window = (-1, -1)
+    if isinstance(attn_mask, CausalMask):
+        is_causal = True
+        if attn_mask.window is not None:
+            window = (attn_mask.window - 1, 0)
     # flash-attn takes (B, N, H, D) and does GQA natively when H is a multiple of H_kv.
     out = flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        dropout_p=dropout_p, softmax_scale=scale, causal=is_causal,
+        dropout_p=dropout_p, softmax_scale=scale, causal=is_causal, window_size=window,
     )
     return out.transpose(1, 2)
 
@@ -102,8 +117,12 @@ def check_flash(attn_mask, dropout_p: float) -> None:
         raise RuntimeError(
             "kernel='flash' needs the flash-attn package (CUDA): pip install 'ulysses_dtensor[flash]'"
         )
+    if isinstance(attn_mask, CausalMask) and attn_mask.key_padding is None:
+        return
     if attn_mask is not None:
-        raise ValueError("kernel='flash' supports is_causal but no attn_mask; use kernel='sdpa'")
+        raise ValueError(
+            "kernel='flash' supports is_causal and sliding windows but no attn_mask or padding; use kernel='sdpa'"
+        )
 
 
 def _no_check(attn_mask, dropout_p: float) -> None:
@@ -188,6 +207,17 @@ def with_document_mask(kernel: Callable) -> Callable:
     return run
 
 
+def with_dense_mask(kernel: Callable) -> Callable:
+    """A callable kernel sees a :class:`~ulysses_dtensor.masks.CausalMask` as its dense mask."""
+
+    def run(q, k, v, *, attn_mask, **options):
+        if isinstance(attn_mask, CausalMask):
+            attn_mask = attn_mask.dense(q.device)
+        return kernel(q, k, v, attn_mask=attn_mask, **options)
+
+    return run
+
+
 # name -> (kernel, input check run before any collective)
 KERNELS: dict[str, tuple[Callable, Callable]] = {
     "sdpa": (sdpa_kernel, check_sdpa),
@@ -209,7 +239,7 @@ def resolve_kernel(kernel: str | Callable, documents: bool = False) -> tuple[Cal
     with the :class:`LocalAttention` signature (which gets no check). ``documents``: the variant
     for packed documents (it takes a ``documents`` keyword too)."""
     if callable(kernel):
-        return (with_document_mask(kernel) if documents else kernel), _no_check
+        return (with_document_mask(kernel) if documents else with_dense_mask(kernel)), _no_check
     try:
         return (DOCUMENT_KERNELS if documents else KERNELS)[kernel]
     except (KeyError, TypeError):

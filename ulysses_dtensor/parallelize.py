@@ -333,7 +333,7 @@ class _SequenceParallelForward:
         )
         rewrite.current["mode"] = mode
         try:
-            native = hf.native_sdpa(self.model) if self.is_hf else contextlib.nullcontext()
+            native = hf.propagated_forward(self.model) if self.is_hf else contextlib.nullcontext()
             with propagation, mode, native:
                 out = self.original(**named)
                 out = tree_map_only(DTensor, lambda t: _to_user(t, propagation), out)
