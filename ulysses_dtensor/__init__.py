@@ -7,10 +7,10 @@ any kernel -> one all-to-all -> sequence-sharded output. Exact, with minimal com
 from .attention import ulysses_attention
 from .comm import head_to_seq, seq_to_head
 from .comm_counter import CollectiveCounter
-from .compile import explain
+from .explain import explain
 from .documents import Documents
 from .hybrid import choose_ring_degree, hybrid_attention
-from .dtensor_rule import register, unregister
+from .dtensor_rule import dtensor_attention_rule, register, unregister
 from .inputs import gather_sequence, shard_batch
 from .layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
 from .mesh import init_mesh
@@ -25,6 +25,7 @@ __all__ = [
     "UlyssesConfig",
     "UlyssesLayout",
     "choose_ring_degree",
+    "dtensor_attention_rule",
     "hybrid_attention",
     "explain",
     "gather_sequence",
@@ -41,5 +42,3 @@ __all__ = [
     "seq_to_head",
     "ulysses_attention",
 ]
-
-register()

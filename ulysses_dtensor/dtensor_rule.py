@@ -23,6 +23,9 @@ holds them once).
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
@@ -231,7 +234,8 @@ def _backward_handler(op, args, kwargs):
 
 
 def register() -> None:
-    """Install the rule (idempotent). ``import ulysses_dtensor`` calls it."""
+    """Install the rule, process-wide, until :func:`unregister` (idempotent). Importing the
+    package installs nothing; :func:`dtensor_attention_rule` scopes it to a block."""
     handlers = DTensor._op_dispatcher._custom_op_handlers
     for forward, backward in _SDPA_OPS.items():
         handlers[forward] = _forward_handler
@@ -245,3 +249,25 @@ def unregister() -> None:
         for op in (forward, backward):
             if handlers.get(op) in (_forward_handler, _backward_handler):
                 del handlers[op]
+
+
+@contextlib.contextmanager
+def dtensor_attention_rule() -> Iterator[None]:
+    """Within the block, SDPA on ``Shard(2)`` DTensors runs as Ulysses attention (forward and
+    the backward of outputs made inside it, if run inside it too); on exit the previous handlers
+    are back. Nests.
+
+    >>> with ulysses_dtensor.dtensor_attention_rule():
+    ...     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)   # q, k, v: Shard(2)
+    ...     out.sum().backward()
+    """
+    handlers = DTensor._op_dispatcher._custom_op_handlers
+    ops = [op for pair in _SDPA_OPS.items() for op in pair]
+    saved = {op: handlers[op] for op in ops if op in handlers}
+    register()
+    try:
+        yield
+    finally:
+        for op in ops:
+            handlers.pop(op, None)
+        handlers.update(saved)

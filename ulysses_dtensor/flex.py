@@ -14,12 +14,11 @@ a mask_mod reading a tensor of the local length fails with an index error, never
 
 from __future__ import annotations
 
-import sys
-
 import torch.nn as nn
 from torch.nn.attention import flex_attention as flex_module
 
-from .rewrite import current
+from .namespaces import model_namespaces
+from .rewrite import running_mode
 
 _original_flex_attention = flex_module.flex_attention
 
@@ -38,7 +37,7 @@ def global_block_mask(block_mask, seq_len: int, device):
 def ulysses_flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
                            return_lse=False, kernel_options=None, **kwargs):
     """``flex_attention`` that is Ulysses attention inside a parallelized forward."""
-    mode = current.get("mode")
+    mode = running_mode()
     if mode is None:
         return _original_flex_attention(
             query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
@@ -57,11 +56,9 @@ def ulysses_flex_attention(query, key, value, score_mod=None, block_mask=None, s
 
 
 def use_ulysses_attention(model: nn.Module) -> None:
-    """Rebind ``flex_attention`` in the modules that define the model's classes."""
-    for module_name in {type(m).__module__ for m in model.modules()}:
-        namespace = sys.modules.get(module_name)
-        if namespace is None or module_name.startswith("torch."):
-            continue
+    """Rebind ``flex_attention`` in the modules that define the model's classes (for good:
+    compiled forwards read it too; outside a parallelized forward it is the original)."""
+    for namespace in model_namespaces(model):
         for name, value in list(vars(namespace).items()):
             if value is _original_flex_attention:
                 setattr(namespace, name, ulysses_flex_attention)

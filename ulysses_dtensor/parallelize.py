@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils._pytree import tree_map_only
 
-from . import flex, hf, rewrite, titan
+from . import flex, hf, titan
 from .checkpointing import check_mode as check_checkpointing_mode, checkpoint_blocks
 from .compile import check_compile_overlap, enable_comm_overlap
 from .consistency import check_same_input_shapes, check_same_model
@@ -44,8 +44,9 @@ from .propagation import (
     SequenceCollectiveGuard, SequencePropagation, local_of, shard_sequence, track_modules,
 )
 from .recompute import reenter_rewrite_on_recompute
-from .rewrite import UlyssesFunctionMode
-from .tokenwise import use_local_moe
+from .namespaces import model_namespaces, rebound
+from .rewrite import UlyssesFunctionMode, running_mode
+from .tokenwise import global_load_balancing_loss, use_local_moe
 
 
 # Forward arguments taking token positions (HF: position_ids; torchtitan: positions). When the
@@ -177,7 +178,7 @@ def _install_attention(model: nn.Module, propagate: bool) -> None:
         hf.use_ulysses_attention(model, refuse_windows=not propagate)
     if propagate:
         experts = hf.expert_count(model) if hf.is_hf_model(model) else None
-        if not use_local_moe(model, _moe_context) and experts:
+        if not use_local_moe(model) and experts:
             raise ValueError(
                 f"{type(model).__name__} routes tokens to {experts} experts, but no MoE block (a module "
                 "with `gate` and `experts`) was found to run on local tokens; refused rather than "
@@ -224,6 +225,9 @@ class _SequenceParallelForward:
             or any(n in self.params for n in POSITION_ARGS)
         )
         self.module_stack: list[str] = []
+        # names rebound in the model's modules for each propagated forward
+        self.namespaces = model_namespaces(model)
+        self.moe_losses = {"load_balancing_loss_func": lambda original: global_load_balancing_loss(original, _moe_context)}
 
     @property
     def has_compiled_blocks(self) -> bool:
@@ -258,14 +262,12 @@ class _SequenceParallelForward:
             self.sp_group, seq_len, self.loss_group, self.config.kernel, self.config.local_attention_only,
             documents, self.ring_degree,
         )
-        rewrite.current["mode"] = mode
         try:
             with mode, _checkpointed_bodies_enter_rewrite():
                 out = self.original(*args, **kwargs)
         finally:
             for (module, name), table in full.items():
                 module._buffers[name] = table
-            rewrite.current.pop("mode", None)
         self.check_attention_calls(mode, compiling)
         return out
 
@@ -331,17 +333,14 @@ class _SequenceParallelForward:
             self.sp_group, seq_len, self.loss_group, self.config.kernel, self.config.local_attention_only,
             documents, self.ring_degree, propagation,
         )
-        rewrite.current["mode"] = mode
         try:
             native = hf.propagated_forward(self.model) if self.is_hf else contextlib.nullcontext()
-            with propagation, mode, native:
+            with propagation, mode, native, rebound(self.namespaces, self.moe_losses):
                 out = self.original(**named)
                 out = tree_map_only(DTensor, lambda t: _to_user(t, propagation), out)
         except BaseException:
             self.module_stack.clear()
             raise
-        finally:
-            rewrite.current.pop("mode", None)
         self.check_attention_calls(mode, compiling=torch.compiler.is_compiling())
         return out
 
@@ -436,7 +435,7 @@ class _SequenceParallelForward:
 def _moe_context():
     """(sp mesh, N, this rank's token offset and count, the guard's ``allowed``) of the running
     propagated forward, for ``tokenwise``'s global load-balancing loss; None outside one."""
-    mode = rewrite.current.get("mode")
+    mode = running_mode()
     if mode is None or not mode.propagation.active:
         return None
     mesh = mode.propagation.mesh_sp

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import rewrite
+from .rewrite import running_mode
 
 
 def _inner(block: nn.Module) -> nn.Module:
@@ -40,18 +40,13 @@ def reenter_rewrite_on_recompute(blocks: list[nn.Module]) -> None:
             if torch.compiler.is_compiling():
                 # a compiled checkpoint recomputes from its graph, which holds the rewrite already
                 return _forward(*args, **kwargs)
-            mode = rewrite.current.get("mode")
+            mode = running_mode()
             if mode is not None:  # the forward itself
                 _remembered["mode"] = mode
                 return _forward(*args, **kwargs)
             if "mode" not in _remembered or torch._C._current_graph_task_id() == -1:
                 return _forward(*args, **kwargs)  # not a recompute (or never ran under the rewrite)
-            mode = _remembered["mode"]
-            rewrite.current["mode"] = mode
-            try:
-                with mode:
-                    return _forward(*args, **kwargs)
-            finally:
-                rewrite.current.pop("mode", None)
+            with _remembered["mode"]:
+                return _forward(*args, **kwargs)
 
         module.forward = forward_in_rewrite

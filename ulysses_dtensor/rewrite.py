@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint
 
 from .attention import ulysses_attention
@@ -68,13 +68,19 @@ def token_weighted_cross_entropy(
     return share + (total - share.detach())
 
 
-# The mode of the parallelized forward running now. Attention modules that do not call SDPA
-# (torchtitan's flex module, HF's mask builder) read the sequence-parallel context from it.
-current: dict[str, "UlyssesFunctionMode"] = {}
+def running_mode() -> "UlyssesFunctionMode | None":
+    """The rewrite mode of the parallelized forward running now, from torch's function-mode
+    stack (Dynamo traces the lookup), or None. Attention that no mode sees (torchtitan's flex
+    modules, direct ``flex_attention`` calls) and HF's local-path mask builder read it."""
+    for mode in reversed(_get_current_function_mode_stack()):
+        if isinstance(mode, UlyssesFunctionMode):
+            return mode
+    return None
 
 
 def active_mode() -> "UlyssesFunctionMode":
-    mode = current.get("mode")
+    """:func:`running_mode`, which must exist."""
+    mode = running_mode()
     if mode is None:
         raise RuntimeError("called outside the forward of a model prepared by ulysses_dtensor.parallelize_module")
     return mode

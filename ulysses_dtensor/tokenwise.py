@@ -5,16 +5,15 @@ scatters by expert, data-dependent sizes. DTensor cannot propagate that over a s
 without gathering it, but nothing in it crosses tokens, so each rank runs the block on its own
 (B, N_r, C) tokens as plain tensors and the output re-enters as ``Shard(1)``.
 
-The router's load-balancing loss averages over *all* tokens: Hugging Face's
-``load_balancing_loss_func`` is rebound (in the modules defining the model's classes) to a
-version that sums its per-expert counts and probabilities over the sp ranks, so every rank gets
-the single-process aux loss and a gradient for its own tokens. Outside a parallelized forward it
-is the original function.
+The router's load-balancing loss averages over *all* tokens: for each propagated forward,
+Hugging Face's ``load_balancing_loss_func`` is rebound (in the modules defining the model's
+classes, ``namespaces.rebound``) to a version that sums its per-expert counts and probabilities
+over the sp ranks, so every rank gets the single-process aux loss and a gradient for its own
+tokens. After the forward the original is back.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 import torch
@@ -90,19 +89,13 @@ def global_load_balancing_loss(original: Callable, context: Callable) -> Callabl
         loss = torch.sum((tokens / rows) * (probs / rows)) * num_experts
         return DTensor.from_local(loss, mesh, [Replicate()], run_check=False, shape=loss.shape, stride=loss.stride())
 
-    load_balancing_loss_func.ulysses_original = original
     return load_balancing_loss_func
 
 
-def use_local_moe(model: nn.Module, context: Callable) -> int:
-    """Run the model's MoE blocks on local tokens and make its load-balancing loss global;
-    returns the number of MoE blocks found."""
+def use_local_moe(model: nn.Module) -> int:
+    """Run the model's MoE blocks on local tokens; returns the number found. (The global
+    load-balancing loss is rebound per forward: :func:`global_load_balancing_loss`.)"""
     blocks = [m for m in model.modules() if is_moe_block(m)]
     for block in blocks:
         run_on_local_tokens(block)
-    for module_name in {type(m).__module__ for m in model.modules()}:
-        namespace = sys.modules.get(module_name)
-        original = getattr(namespace, "load_balancing_loss_func", None)
-        if original is not None and not hasattr(original, "ulysses_original"):
-            namespace.load_balancing_loss_func = global_load_balancing_loss(original, context)
     return len(blocks)
