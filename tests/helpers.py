@@ -87,17 +87,30 @@ def summed_grad_error(model: torch.nn.Module, reference: torch.nn.Module, group,
     return max(errors)
 
 
-class LargestBoolTensor(TorchDispatchMode):
-    """Records the element count of the largest bool tensor any op produces inside the block
-    (an attention mask materialized as (N, N) shows up here)."""
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor an op allocates inside the block among
+    those ``select(t)`` accepts (e.g. bool: an (N, N) mask; last dim = vocab: logits)."""
 
-    def __init__(self):
+    def __init__(self, select):
         super().__init__()
+        self.select = select
         self.numel = 0
+        self.op = None  # the op that produced it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        # outputs sharing an input's storage (views, in-place results) allocate nothing
+        shared = {_storage_address(t) for t in inputs if isinstance(t, torch.Tensor)}
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
-                self.numel = max(self.numel, t.numel())
+            if (isinstance(t, torch.Tensor) and self.select(t) and t.numel() > self.numel
+                    and _storage_address(t) not in shared):
+                self.numel, self.op = t.numel(), f"{func} -> {tuple(t.shape)}"
         return out
+
+
+def _storage_address(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:  # wrapper subclasses (DTensor) have no storage of their own
+        return None

@@ -119,10 +119,13 @@ def test_fsdp_bytes_and_activation_checkpointing():
 
 
 def test_plan_picks_the_smallest_sp_that_fits_and_the_longest_sequence():
-    p = plan("llama3-8b", "1M", 32, 80)
+    p = plan("llama3-8b", "1M", 32, 80, loss="full")
     assert (p.chosen.dp, p.chosen.sp) == (1, 32) and p.chosen.fits(p.budget)
     assert all(not c.fits(p.budget) for c in p.candidates if c.sp < 32)
-    p8 = plan("llama3-8b", "128K", 8, 80, ac="full")
+    chunked = plan("llama3-8b", "1M", 32, 80)  # the default: no logits held, so a smaller sp fits
+    assert chunked.chosen.loss == "chunked" and chunked.chosen.sp < 32 and chunked.chosen.fits(chunked.budget)
+    assert all(not c.fits(chunked.budget) for c in chunked.candidates if c.sp < chunked.chosen.sp)
+    p8 = plan("llama3-8b", "128K", 8, 80, ac="full", loss="full")
     assert p8.chosen.sp == 8
     kw = dict(ac="full", precision="bf16", batch=1)
     n = p8.longest_seq_len
@@ -131,6 +134,7 @@ def test_plan_picks_the_smallest_sp_that_fits_and_the_longest_sequence():
     assert longest_sequence(FLAVORS["8b"], 1, 8, p8.budget, **kw) == n
     small = plan("llama3-8b", "8K", 8, 80, ac="full")  # short: no sequence parallelism needed
     assert (small.chosen.dp, small.chosen.sp) == (8, 1)
+    assert plan("llama3-8b", "128K", 8, 80, sp=8).longest_seq_len > 3 * n  # chunked loss: 824K vs 237K
     pinned = plan("llama3-8b", "128K", 8, 80, dp=1)
     assert (pinned.chosen.dp, pinned.chosen.sp) == (1, 8)
 
@@ -155,12 +159,15 @@ def test_nothing_fits_says_what_would():
 
 
 def test_cli(capsys):
-    assert main(["plan", "--model", "llama3-8b", "--seq-len", "1M", "--gpus", "32", "--gpu-mem-gib", "80"]) == 0
+    assert main(["plan", "--model", "llama3-8b", "--seq-len", "1M", "--gpus", "32", "--gpu-mem-gib", "80",
+                 "--loss", "full"]) == 0
     out = capsys.readouterr().out
-    assert "layout: dp=1 × sp=32" in out and "longest sequence" in out and "<- chosen" in out
+    assert "layout: dp=1 × sp=32" in out and "full loss" in out and "longest sequence" in out and "<- chosen" in out
     assert main(["plan", "--model", "8b", "--seq-len", "128K", "--gpus", "8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["layout"] == {"dp": 1, "sp": 8} and data["estimate"]["peak_bytes"] <= data["budget_bytes"]
+    # the chunked loss (default) fits 128K at sp = 2 (the full-logits loss needs sp = 8)
+    assert data["layout"] == {"dp": 4, "sp": 2} and data["estimate"]["peak_bytes"] <= data["budget_bytes"]
+    assert data["estimate"]["loss"] == "chunked"
     assert main(["plan", "--model", "8b", "--gpus", "6", "--dp", "4"]) == 2
     assert "does not divide" in capsys.readouterr().err
 
@@ -333,7 +340,7 @@ def test_checkpointing_modes_bytes_and_peak(ranks4, ac):
 def test_sp_beyond_the_heads_plans_the_hybrid():
     """Llama3-8B has 32 query heads: at sp = 64 the plan is what parallelize_module runs, 32-way
     Ulysses × 2-way ring."""
-    p = plan("llama3-8b", "2M", 64, 80, ac="full")
+    p = plan("llama3-8b", "2M", 64, 80, ac="full", loss="full")
     assert (p.chosen.dp, p.chosen.sp, p.chosen.ring_degree) == (1, 64, 2)
     assert "hybrid 32-way Ulysses × 2-way ring" in format_plan(p)
     assert p.longest_seq_len > 2**21
@@ -355,3 +362,23 @@ def test_hybrid_step_matches_the_estimate(ranks4, seq_len, ac):
             predicted = e.saved_for_backward_per_sp_rank[rank]
             assert 0 <= saved - predicted <= 0.001 * saved, (rank, saved, predicted)
         assert peak <= e.peak <= 1.25 * peak, (rank, peak, e.peak)
+
+
+def test_chunked_loss_saved_bytes_and_peak(ranks4):
+    """``estimate(loss="chunked")`` is ``LlamaConfig(chunked_loss=True)``'s step: saved-for-backward
+    bytes as predicted (no log-probabilities: 13 bytes per token), the predicted peak bounds the
+    tracked one, and both are below the full-logits step's."""
+    pytest.importorskip("torch.distributed._tools.fsdp2_mem_tracker")
+    flavor, seq_len = "small", 2048
+    cfg = llama_config(flavor, vocab_size=TASK_VOCAB)
+    e = estimate(cfg, seq_len, 1, 2, ac="none", precision="float32", loss="chunked")
+    full = estimate(cfg, seq_len, 1, 2, ac="none", precision="float32")
+    exact = ranks4.run(_measure, flavor, seq_len, 1, "float32", False, "none", {"chunked_loss": True}, False, world=2)
+    for rank, (saved, _, _, sent, _) in enumerate(exact):
+        predicted = e.saved_for_backward_per_sp_rank[rank]
+        assert 0 <= saved - predicted <= 0.001 * saved, (rank, saved, predicted)
+        assert sent == e.sent_per_sp_rank[rank]
+    tracked = ranks4.run(_measure, flavor, seq_len, 1, "float32", True, "none", {"chunked_loss": True}, world=2)
+    for _, _, peak, _, _ in tracked:
+        assert peak <= e.peak <= 1.2 * peak, (peak, e.peak)
+        assert e.peak < full.peak

@@ -10,11 +10,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import LargestBoolTensor, rel_err, summed_grad_error
+from helpers import LargestTensor, rel_err, summed_grad_error
 from zoo_models import NanoGPT
+from ulysses_dtensor.hf import standard_lm_head
 from ulysses_dtensor.launch import RankFailure
 
 VOCAB = 96
@@ -81,8 +83,9 @@ def test_nanogpt_family_is_exact(ranks4, attention, sp, N, seed):
             assert err <= TOL, f"{attention} sp={sp} N={N} rank {rank}: {name} relative error {err:.3g}"
 
 
-def build_hf(family: str):
-    """A tiny random-init Hugging Face causal LM of ``family`` (sdpa attention, float64)."""
+def build_hf(family: str, **overrides):
+    """A tiny random-init Hugging Face causal LM of ``family`` (sdpa attention, float64), its
+    config changed by ``overrides``."""
     import transformers as T
 
     common = dict(
@@ -157,6 +160,8 @@ def build_hf(family: str):
         T.RobertaForCausalLM,
     )
     config, cls = configs[family]()
+    for name, value in overrides.items():
+        setattr(config, name, value)
     torch.manual_seed(0)
     # transformers' grouped-mm experts kernel has no float64 on CPU; its eager experts loop does
     experts = {"experts_implementation": "eager"} if family in ("qwen3-moe", "mixtral") else {}
@@ -168,12 +173,19 @@ def build_hf(family: str):
 GRAD_TOL = {"gemma3": 1e-6}
 
 
-def _rank_hf(ctx, family: str, N: int, padded: bool, fsdp: bool = False, probes=None):
+def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in the logits' dtype (transformers' rule, without its float32)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _rank_hf(ctx, family: str, N: int, padded: bool, fsdp: bool = False, probes=None, loss_chunk_tokens=None,
+             overrides=None):
     import ulysses_dtensor as U
     from ulysses_dtensor.inputs import local_slice
 
-    ref = build_hf(family)
-    model = U.parallelize_module(copy.deepcopy(ref), ctx.mesh(), U.UlyssesConfig(fsdp=fsdp))
+    ref = build_hf(family, **(overrides or {}))
+    config = U.UlyssesConfig(fsdp=fsdp, loss_chunk_tokens=loss_chunk_tokens)
+    model = U.parallelize_module(copy.deepcopy(ref), ctx.mesh(), config)
     gen = torch.Generator().manual_seed(N)
     ids = torch.randint(0, VOCAB, (2, N), generator=gen)
     labels = ids.clone()
@@ -184,10 +196,14 @@ def _rank_hf(ctx, family: str, N: int, padded: bool, fsdp: bool = False, probes=
         mask[1, :5] = 0
         labels[1, :5] = -100
         kwargs["attention_mask"] = mask
+    # HF's standard causal LMs get the chunked loss (float64 here; transformers' own loss is
+    # float32): their reference is our float64 cross-entropy of the one-process logits
+    chunked = standard_lm_head(ref) is not None
     ref_probe, probe = probes or (contextlib.nullcontext(), contextlib.nullcontext())
     with ref_probe:
-        ref_out = ref(input_ids=ids, labels=labels, **kwargs)
-        ref_out.loss.backward()
+        ref_out = ref(input_ids=ids, labels=None if chunked else labels, **kwargs)
+        ref_loss = _causal_lm_loss(ref_out.logits, labels) if chunked else ref_out.loss
+        ref_loss.backward()
 
     def call(m):
         out = m(input_ids=ids, labels=labels, **kwargs)
@@ -195,18 +211,23 @@ def _rank_hf(ctx, family: str, N: int, padded: bool, fsdp: bool = False, probes=
 
     with probe:
         out, loss, forward, backward = _counted_step(model, call)
+    # transformers computes its causal-LM loss in float32: its rounding, not ours
+    loss_error = rel_err(loss, ref_loss) / (1 if chunked else 1e4)
     if fsdp:  # parameters sharded over the sp ranks: FSDP2's all-gathers and reduce-scatters too
         return {
-            "loss": rel_err(loss, ref_out.loss) / 1e4,
+            "loss": loss_error,
             "grads": max(
                 (p.grad.full_tensor() - q.grad).abs().max().item() / max(q.grad.abs().max().item(), 1e-6)
                 for p, q in zip(model.parameters(), ref.parameters()) if q.grad is not None
             ),
         }
     _expect_exchanges_only(forward, backward, 2, aux_losses=int(getattr(ref_out, "aux_loss", None) is not None))
+    if chunked:
+        assert out.logits is None
+        with torch.no_grad():
+            out = model(input_ids=ids, **kwargs)
     errors = {
-        # transformers computes its causal-LM loss in float32 (here too): its rounding, not ours
-        "loss": rel_err(loss, ref_out.loss) / 1e4,
+        "loss": loss_error,
         "logits": rel_err(out.logits, local_slice(ref_out.logits, ctx.rank, ctx.world, N)),
         # floor: key-bias gradients are zero in exact arithmetic (rounding noise in one process)
         "grads": summed_grad_error(model, ref, ctx.group, floor=1e-6) * TOL / GRAD_TOL.get(family, TOL),
@@ -254,12 +275,16 @@ def test_hf_padding_mask_is_exact(ranks4, sp, N):
             assert err <= TOL, f"padded llama sp={sp} N={N} rank {rank}: {name} (scaled) error {err:.3g}"
 
 
+def _is_bool(t: torch.Tensor) -> bool:
+    return t.dtype == torch.bool
+
+
 def _rank_hf_mask_sizes(ctx, family: str, N: int, padded: bool):
     """``_rank_hf`` with the largest bool tensor of the one-process and the parallel step."""
     from ulysses_dtensor import masks
 
     masks.DEFAULT_TILE = 4  # tiles smaller than N, so a dense mask would stand out
-    probes = (LargestBoolTensor(), LargestBoolTensor())
+    probes = (LargestTensor(_is_bool), LargestTensor(_is_bool))
     errors = _rank_hf(ctx, family, N, padded, probes=probes)
     return errors, probes[0].numel, probes[1].numel
 
@@ -275,6 +300,47 @@ def test_hf_window_and_padding_masks_stay_structure(ranks4, family, padded):
             assert err <= TOL, f"{family} padded={padded} rank {rank}: {name} (scaled) error {err:.3g}"
         assert ref_numel >= N * N, ref_numel  # one process materializes it: the probe sees masks
         assert numel < N * N, f"{family} padded={padded} rank {rank}: a bool tensor of {numel} >= N² elements"
+
+
+def _rank_hf_logits_sizes(ctx, family: str, N: int):
+    """``_rank_hf`` with the largest (..., V) tensor of the one-process and the parallel step
+    (not counting the (C, V) gradient of the output layer's weight); MLP widths other than V."""
+    overrides = {"intermediate_size": 80, "n_inner": 80}
+    hidden = build_hf(family, **overrides).config.hidden_size
+
+    def is_logits(t: torch.Tensor) -> bool:
+        return t.is_floating_point() and t.shape[-1:] == (VOCAB,) and tuple(t.shape) != (hidden, VOCAB)
+
+    probes = (LargestTensor(is_logits), LargestTensor(is_logits))
+    errors = _rank_hf(ctx, family, N, False, probes=probes, loss_chunk_tokens=4, overrides=overrides)
+    return errors, probes[0].numel, (probes[1].numel, probes[1].op)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2-window"])
+def test_hf_chunked_loss_holds_one_tile_of_logits(ranks4, family):
+    """HF causal LMs with transformers' standard forward get the chunked loss (loss.py): exact
+    (float64 vs our float64 cross-entropy of one process), logits never held beyond a tile."""
+    N = 30
+    for rank, (errors, ref_numel, (numel, op)) in enumerate(ranks4.run(_rank_hf_logits_sizes, family, N, world=2)):
+        for name, err in errors.items():
+            assert err <= TOL, f"{family} rank {rank}: {name} (scaled) error {err:.3g}"
+        assert ref_numel >= 2 * N * VOCAB, ref_numel  # one process holds (B, N, V) logits
+        assert numel <= 4 * VOCAB, f"{family} rank {rank}: {op}: {numel} elements > one 4-token tile"
+
+
+def test_chunked_loss_true_is_refused_for_other_models(ranks4):
+    message = ranks4.run(_rank_chunked_loss_refused, world=2)[0]
+    assert "chunked_loss=True" in message and "standard template" in message, message
+
+
+def _rank_chunked_loss_refused(ctx):
+    import ulysses_dtensor as U
+
+    try:
+        U.parallelize_module(build_hf("gemma3"), ctx.mesh(), U.UlyssesConfig(fsdp=False, chunked_loss=True))
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _rank_refused(ctx, family: str, N: int):

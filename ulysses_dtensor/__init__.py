@@ -15,7 +15,7 @@ from .inputs import gather_sequence, shard_batch
 from .layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
 from .mesh import init_mesh
 from .parallelize import UlyssesConfig, parallelize_module
-from .rewrite import token_weighted_cross_entropy
+from .loss import chunked_linear_cross_entropy, token_weighted_cross_entropy
 from .style import UlyssesAttention
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "UlyssesConfig",
     "UlyssesLayout",
     "choose_ring_degree",
+    "chunked_linear_cross_entropy",
     "dtensor_attention_rule",
     "hybrid_attention",
     "explain",

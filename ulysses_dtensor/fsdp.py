@@ -42,7 +42,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], resh
     """``fully_shard`` each block, then the root, over the 1-D ``mesh`` of all dp × sp ranks.
 
     Gradients are *summed* over ranks (divide factor 1): every rank's loss is its share of the
-    global token-weighted mean (see ``rewrite.token_weighted_cross_entropy``), so the sum is the
+    global token-weighted mean (see ``loss.token_weighted_cross_entropy``), so the sum is the
     single-process gradient of the global batch.
     """
     from torch.distributed.fsdp import fully_shard

@@ -20,8 +20,10 @@ on that literal name (Falcon).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import inspect
+import textwrap
 from typing import Callable, Iterator
 
 import torch
@@ -66,6 +68,48 @@ def _ulysses_sdpa_mask(*, batch_size, q_length, kv_length, q_offset=0, kv_offset
         batch_size=batch_size, q_length=seq_len, kv_length=seq_len, mask_function=causal_mask_function,
         allow_is_causal_skip=True, device=device,
     )
+
+
+def standard_lm_head(model: nn.Module) -> nn.Linear | None:
+    """The output layer of an HF causal LM whose forward is transformers' standard template —
+    ``logits = self.<head>(hidden_states)``, ``loss = self.loss_function(logits, labels, vocab,
+    **kwargs)`` under ``if labels is not None``, both returned, ``logits`` and ``loss`` touched
+    nowhere else (read from the source) — or None. Only then is the loss exactly the
+    cross-entropy of the head's output, which the chunked loss computes without the logits."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(model).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    head_name, found = None, set()
+    for statement in tree.body[0].body:
+        names = {n.id for n in ast.walk(statement) if isinstance(n, ast.Name)} & {"logits", "loss"}
+        if not names:
+            continue
+        code = ast.unparse(statement)
+        call = statement.value if isinstance(statement, (ast.Assign, ast.Return)) else None
+        if isinstance(statement, ast.Assign) and code.startswith("logits = self.") and code.endswith("(hidden_states)"):
+            head_name = code[len("logits = self."):-len("(hidden_states)")]
+            found.add("head")
+        elif code == "loss = None":
+            found.add("none")
+        elif isinstance(statement, ast.If) and code.startswith("if labels is not None:\n") and len(statement.body) == 1:
+            loss_call = code.split("\n", 1)[1].strip()
+            if not (loss_call.startswith("loss = self.loss_function(") and "**kwargs" in loss_call
+                    and ("logits=logits" in loss_call or "(logits, labels" in loss_call)):
+                return None
+            found.add("loss")
+        elif isinstance(statement, ast.Return) and isinstance(call, ast.Call):
+            keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
+            others = [k for k, v in keywords.items() if k not in ("loss", "logits") and ("logits" in v or "loss" in v)]
+            if keywords.get("loss") != "loss" or keywords.get("logits") != "logits" or others or call.args:
+                return None
+            found.add("return")
+        else:
+            return None
+    head = getattr(model, head_name, None) if head_name and head_name.isidentifier() else None
+    if found != {"head", "none", "loss", "return"} or not isinstance(head, nn.Linear):
+        return None
+    return head
 
 
 def use_ulysses_attention(model: nn.Module, refuse_windows: bool) -> None:

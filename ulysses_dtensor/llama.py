@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .loss import linear_cross_entropy
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -29,6 +31,9 @@ class LlamaConfig:
     rope_theta: float = 1e6
     max_seq_len: int = 8192
     norm_eps: float = 1e-5
+    # loss from the hidden states in tiles (``loss.linear_cross_entropy``): no logits held, and
+    # forward(tokens, targets) returns (None, loss)
+    chunked_loss: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -142,7 +147,8 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
         """tokens: (B, T) -> logits (B, T, vocab). With ``targets`` (B, T) (the class each position
-        predicts, -100 = no loss) returns (logits, mean cross-entropy over the scored positions)."""
+        predicts, -100 = no loss) returns (logits, mean cross-entropy over the scored positions);
+        (None, loss) with ``cfg.chunked_loss``."""
         T = tokens.shape[1]
         if T > self.freqs_cis.shape[0]:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.freqs_cis.shape[0]}")
@@ -150,6 +156,9 @@ class Llama(nn.Module):
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, freqs_cis)
+        if targets is not None and self.cfg.chunked_loss:
+            hidden = self.norm(x).flatten(0, 1)
+            return None, linear_cross_entropy(hidden, self.output.weight, targets.flatten(), ignore_index=-100)
         logits = self.output(self.norm(x))
         if targets is None:
             return logits

@@ -39,6 +39,7 @@ from .fsdp import apply_fsdp, find_blocks
 from .hybrid import HybridLayout, choose_ring_degree
 from .inputs import IGNORE_INDEX, check_no_padding, global_seq_len, local_slice, shift_labels
 from .layout import seq_shard_offsets, seq_shard_sizes
+from .loss import chunked_linear_cross_entropy
 from .mesh import check_mesh, dp_sp_mesh, sp_mesh
 from .propagation import (
     SequenceCollectiveGuard, SequencePropagation, local_of, shard_sequence, track_modules,
@@ -102,6 +103,14 @@ class UlyssesConfig:
             head, else the smallest R with sp / R ≤ heads (:func:`choose_ring_degree`; the head
             count is read from the model). The choice is printed once. flex_attention calls
             (BlockMask) always use plain Ulysses.
+        chunked_loss: compute the loss from the hidden states and the output layer in tiles of
+            ``loss_chunk_tokens`` tokens, never holding the (N/sp × V) logits
+            (``loss.chunked_linear_cross_entropy``). ``None`` (default): for Hugging Face causal
+            LMs whose forward is transformers' standard template (``hf.standard_lm_head``) on the
+            propagation path, when called with ``labels``; the output's ``logits`` is then None
+            (call without labels for logits). ``True``: the same, refused for other models;
+            ``False``: never.
+        loss_chunk_tokens: tokens per tile of the chunked loss; default 2**26 // vocab.
         propagation: run the forward on ``Shard(seq)`` DTensors, so the model's code sees the
             global sequence (``propagation.py``, docs/parallelize.md). ``None`` (default): yes
             in eager forwards with sp > 1, except torchtitan models; ``False``: the local-tensor
@@ -122,6 +131,8 @@ class UlyssesConfig:
     ring_degree: int | None = None
     activation_checkpointing: str = "none"
     propagation: bool | None = None
+    chunked_loss: bool | None = None
+    loss_chunk_tokens: int | None = None
 
 
 def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig | None = None) -> nn.Module:
@@ -228,6 +239,7 @@ class _SequenceParallelForward:
         # names rebound in the model's modules for each propagated forward
         self.namespaces = model_namespaces(model)
         self.moe_losses = {"load_balancing_loss_func": lambda original: global_load_balancing_loss(original, _moe_context)}
+        self.lm_head = _chunked_loss_head(model, config, propagate)
 
     @property
     def has_compiled_blocks(self) -> bool:
@@ -328,6 +340,11 @@ class _SequenceParallelForward:
             elif not isinstance(value, DTensor) and value.dim() >= 2:
                 local = local_slice(value, self.rank, self.world, seq_len).contiguous()
                 named[name] = shard_sequence(value, self.mesh_sp, local)
+        chunked = (self.lm_head is not None and named.get("labels") is not None
+                   and named.get("shift_labels") is not None and "num_items_in_batch" not in named)
+        if chunked:
+            named.pop("labels")
+            targets = named.pop("shift_labels")
         propagation = SequencePropagation(SequenceCollectiveGuard(self.module_stack), mesh_sp=self.mesh_sp)
         mode = UlyssesFunctionMode(
             self.sp_group, seq_len, self.loss_group, self.config.kernel, self.config.local_attention_only,
@@ -336,13 +353,41 @@ class _SequenceParallelForward:
         try:
             native = hf.propagated_forward(self.model) if self.is_hf else contextlib.nullcontext()
             with propagation, mode, native, rebound(self.namespaces, self.moe_losses):
-                out = self.original(**named)
+                if chunked:
+                    out = self.chunked_loss_call(named, targets, propagation)
+                else:
+                    out = self.original(**named)
                 out = tree_map_only(DTensor, lambda t: _to_user(t, propagation), out)
         except BaseException:
             self.module_stack.clear()
             raise
         self.check_attention_calls(mode, compiling=torch.compiler.is_compiling())
         return out
+
+    def chunked_loss_call(self, named: dict, targets: DTensor, propagation: SequencePropagation):
+        """The forward without labels, its output layer given no tokens (the hidden states are
+        taken on the way in), then the chunked loss of those hidden states: ``out.loss`` as with
+        labels, ``out.logits`` None."""
+        hidden_states = []
+
+        def take_hidden_states(module, args):
+            hidden_states.append(args[0])
+            return (local_of(args[0])[:, :0],)
+
+        handle = self.lm_head.register_forward_pre_hook(take_hidden_states)
+        try:
+            out = self.original(**named)
+        finally:
+            handle.remove()
+        hidden = local_of(hidden_states[-1])
+        with propagation.allowed():
+            loss = chunked_linear_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, local_of(targets).reshape(-1),
+                self.loss_group, bias=self.lm_head.bias, ignore_index=self.config.ignore_index,
+                chunk_tokens=self.config.loss_chunk_tokens,
+            )
+        # a new output without logits (transformers' ModelOutput ignores items set to None)
+        return type(out)(**{k: v for k, v in out.items() if k not in ("loss", "logits")}, loss=loss)
 
     def check_inputs(self, module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: every input check, before any collective (FSDP's included)."""
@@ -442,6 +487,22 @@ def _moe_context():
     sizes = seq_shard_sizes(mode.seq_len, mesh.size())
     rank = mesh.get_local_rank()
     return mesh, mode.seq_len, seq_shard_offsets(sizes)[rank], sizes[rank], mode.propagation.allowed
+
+
+def _chunked_loss_head(model: nn.Module, config: UlyssesConfig, propagate: bool) -> nn.Linear | None:
+    """The output layer the chunked loss uses (``UlyssesConfig.chunked_loss``), or None."""
+    if config.chunked_loss is False:
+        return None
+    head = hf.standard_lm_head(model) if hf.is_hf_model(model) and propagate and config.rewrite_loss else None
+    if head is None and config.chunked_loss:
+        raise ValueError(
+            f"UlyssesConfig(chunked_loss=True): {type(model).__name__} is not a Hugging Face causal LM whose forward is "
+            "transformers' standard template (logits = self.lm_head(hidden_states), then self.loss_function), "
+            "run on the propagation path with rewrite_loss; use chunked_loss=None to fall back to full logits"
+        )
+    if config.loss_chunk_tokens is not None and config.loss_chunk_tokens < 1:
+        raise ValueError(f"UlyssesConfig(loss_chunk_tokens={config.loss_chunk_tokens}) must be >= 1")
+    return head
 
 
 def _to_user(t: DTensor, propagation: SequencePropagation) -> torch.Tensor:

@@ -46,10 +46,12 @@ from dataclasses import asdict, dataclass, field
 from .hybrid import HybridLayout, choose_ring_degree, hybrid_elements_sent
 from .layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
 from .llama import FLAVORS, LlamaConfig, llama_config
+from .loss import default_chunk_tokens
 from .ring import SCORE_CHUNK_ELEMENTS
 
 GIB = 2**30
 AC_MODES = ("none", "selective", "full")
+LOSS_MODES = ("full", "chunked")
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,7 @@ class Estimate:
     batch: int  # sequences per data-parallel replica per step
     ac: str
     precision: str
+    loss: str  # LOSS_MODES
     memory: dict[str, int]
     memory_detail: dict[str, int]
     comm: dict[str, int]
@@ -290,12 +293,16 @@ class Estimate:
 
 def estimate(
     cfg: LlamaConfig, seq_len: int, dp: int, sp: int, *, ac: str = "full", precision: str | Precision = "bf16",
-    batch: int = 1, model: str = "",
+    batch: int = 1, model: str = "", loss: str = "full",
 ) -> Estimate:
     """Memory and communication per GPU of one training step on a (dp, sp) mesh.
 
     ``batch`` sequences of ``seq_len`` tokens per data-parallel replica (each split over sp GPUs).
+    ``loss``: "full" (the logits of every token, as ``F.cross_entropy`` needs them) or "chunked"
+    (``loss.linear_cross_entropy``: tiles of ``default_chunk_tokens(V)`` tokens, no logits held).
     """
+    if loss not in LOSS_MODES:
+        raise ValueError(f"loss {loss!r}: choose one of {', '.join(LOSS_MODES)}")
     if ac not in AC_MODES:
         raise ValueError(f"activation checkpointing {ac!r}: choose one of {', '.join(AC_MODES)}")
     p = precision if isinstance(precision, Precision) else parse_precision(precision)
@@ -319,14 +326,23 @@ def estimate(
         kept = _kept_per_layer(parts, ac, r.tokens, d, a)
         remat = 0 if ac == "none" else sum(parts.values()) - kept + r.tokens * d * a
         # token ids and targets (int64; with batch 1 the rank's slice is a view keeping the replica's
-        # whole sequence alive) and the final norm
+        # whole sequence alive; the chunked loss keeps its own copy of the targets, counted below)
+        # and the final norm
         ids = 8 * (batch * seq_len if batch == 1 else r.tokens)
-        outer = 2 * ids + _norm_bytes(r.tokens, d, a)
+        outer = (1 if loss == "chunked" else 2) * ids + _norm_bytes(r.tokens, d, a)
         activations = L * kept + outer
-        log_probs = r.tokens * V * 4
         workspace = attention_workspace_bytes(cfg, r, a) + ring_workspace_bytes(cfg, r, ring, a)
         # the two candidate peaks of a step, on top of what is held throughout
-        loss_moment = log_probs + r.tokens * V * 8 + out_grad + blocks_gathered  # + fp32 grads of log-probs, logits
+        if loss == "chunked":
+            # kept: one fp32 log-sum-exp, an int64 target and a bool per token; backward: one
+            # tile's logits in fp32 three times over (logits, probabilities, their gradient),
+            # the hidden states' gradient and the fp32 accumulator of the output weight's
+            tile = min(default_chunk_tokens(V), r.tokens)
+            log_probs, held_logits = r.tokens * (4 + 8 + 1), 0
+            loss_moment = 3 * tile * V * 4 + r.tokens * d * a + V * d * 4 + out_grad + blocks_gathered
+        else:
+            log_probs, held_logits = r.tokens * V * 4, r.tokens * V * a
+            loss_moment = log_probs + r.tokens * V * 8 + out_grad + blocks_gathered  # + fp32 grads of log-probs, logits
         block_moment = out_grad + blocks_gathered + block_full * (a + p.reduce) + remat + workspace
         memory = {
             "parameters": shard * p.master,
@@ -334,7 +350,7 @@ def estimate(
             "optimizer": shard * p.optim,
             "fsdp_root_unsharded": root_full * a,  # gathered for the whole forward and backward
             "activations": activations,
-            "logits": r.tokens * V * a,  # held by the training loop
+            "logits": held_logits,  # held by the training loop
             "backward_peak": max(loss_moment, block_moment),
         }
         memory["total"] = sum(memory.values())
@@ -357,14 +373,14 @@ def estimate(
         # every rank's collectives move rank 0's (padded) shard size
         gather = 2 * shard * p.gather * (world - 1)  # forward, and backward after reshard_after_forward
         reduce = shard * p.reduce * (world - 1)
-        loss = 2 * (2 * 4 * (world - 1) // world)  # global count and global mean: fp32 scalars
+        loss_reduce = 2 * (2 * 4 * (world - 1) // world)  # global count and global mean: fp32 scalars
         comm = {
             "all_to_all_forward": a2a_fwd,
             "all_to_all_backward": a2a_bwd,
             "all_to_all_recompute": a2a_recompute,
             "fsdp_all_gather": gather,
             "fsdp_reduce_scatter": reduce,
-            "loss_all_reduce": loss,
+            "loss_all_reduce": loss_reduce,
         }
         comm["total"] = sum(comm.values())
         ranks.append((memory, detail, comm, activations + log_probs))
@@ -373,7 +389,7 @@ def estimate(
     comm_max = {k: max(c[2][k] for c in ranks) for k in ranks[0][2]}
     return Estimate(
         model=model or f"custom({cfg.dim}x{L})", seq_len=seq_len, dp=dp, sp=sp, ring_degree=ring, batch=batch, ac=ac,
-        precision=p.name, memory=best[0], memory_detail=best[1], comm=comm_max,
+        precision=p.name, loss=loss, memory=best[0], memory_detail=best[1], comm=comm_max,
         sent_per_sp_rank=[c[2]["total"] for c in ranks],
         all_to_all_per_sp_rank=[sum(v for k, v in c[2].items() if k.startswith("all_to_all")) for c in ranks],
         saved_for_backward_per_sp_rank=[c[3] for c in ranks],
@@ -449,7 +465,7 @@ def _estimate_json(e: Estimate) -> dict:
 
 def plan(
     model: str, seq_len: str | int, gpus: int, gpu_mem_gib: float, *, dp: int = 0, sp: int = 0, ac: str = "full",
-    dtype: str = "bf16", batch: int = 1, reserve_gib: float = 2.0, vocab_size: int = 0,
+    dtype: str = "bf16", batch: int = 1, reserve_gib: float = 2.0, vocab_size: int = 0, loss: str = "chunked",
 ) -> Plan:
     """The best (dp, sp) layout for ``model`` at ``seq_len`` on ``gpus`` GPUs of ``gpu_mem_gib``:
     the smallest sp whose step fits (so the most dp), and the longest sequence that layout fits.
@@ -480,13 +496,15 @@ def plan(
     if not sps:
         raise ValueError(f"no sp divides --gpus {gpus} within the {n} tokens")
     budget = int((gpu_mem_gib - reserve_gib) * GIB)
-    kw = dict(ac=ac, precision=precision, batch=batch, model=name)
+    if loss not in LOSS_MODES:
+        raise ValueError(f"--loss {loss!r}: choose one of {', '.join(LOSS_MODES)}")
+    kw = dict(ac=ac, precision=precision, batch=batch, model=name, loss=loss)
     candidates = [estimate(cfg, n, gpus // s, s, **kw) for s in sps]
     fitting = [c for c in candidates if c.fits(budget)]
     if not fitting:
         raise PlanError(_nothing_fits(cfg, name, n, gpus, gpu_mem_gib, reserve_gib, budget, candidates, kw))
     chosen = fitting[0]
-    longest = {c.sp: longest_sequence(cfg, c.dp, c.sp, budget, ac=ac, precision=precision, batch=batch)
+    longest = {c.sp: longest_sequence(cfg, c.dp, c.sp, budget, ac=ac, precision=precision, batch=batch, loss=loss)
                for c in candidates}
     return Plan(name, cfg, gpus, gpu_mem_gib, reserve_gib, budget, chosen, longest[chosen.sp],
                 candidates, longest)
@@ -502,7 +520,7 @@ def _nothing_fits(cfg, name, n, gpus, gpu_mem_gib, reserve_gib, budget, candidat
         f"  - GPUs with >= {smallest.peak / GIB + reserve_gib:.1f} GiB",
     ]
     longest = longest_sequence(cfg, smallest.dp, smallest.sp, budget, ac=kw["ac"], precision=kw["precision"],
-                               batch=kw["batch"])
+                               batch=kw["batch"], loss=kw["loss"])
     if longest:
         lines.append(f"  - a sequence of at most {longest:,} tokens at dp={smallest.dp} × sp={smallest.sp}")
     for other in AC_MODES:
@@ -543,6 +561,7 @@ class PlanConfig:
         "full", "none, selective (keep attention, recompute the rest) or full (per block)")
     dtype: str = _opt("bf16", "bf16 (FSDP2 bf16 params/compute, fp32 master, grads and Adam) or float32")
     batch: int = _opt(1, "sequences per data-parallel replica per step")
+    loss: str = _opt("chunked", "chunked (the loss in tiles from the hidden states: no logits held) or full (all logits)")
     reserve_gib: float = _opt(2.0, "memory per GPU not available to tensors (CUDA context, NCCL, fragmentation)")
     vocab_size: int = _opt(0, "override the model's vocabulary size (0: the flavor's)")
     json: bool = _opt(False, "print the plan as JSON")
@@ -554,7 +573,7 @@ def run_plan(cfg: PlanConfig, out=None) -> int:
     try:
         result = plan(cfg.model, cfg.seq_len, cfg.gpus, cfg.gpu_mem_gib, dp=cfg.dp, sp=cfg.sp,
                       ac=cfg.activation_checkpointing, dtype=cfg.dtype, batch=cfg.batch,
-                      reserve_gib=cfg.reserve_gib, vocab_size=cfg.vocab_size)
+                      reserve_gib=cfg.reserve_gib, vocab_size=cfg.vocab_size, loss=cfg.loss)
     except ValueError as exc:
         print(f"ulysses-dtensor plan: error: {exc}", file=sys.stderr)
         return 2
@@ -591,7 +610,7 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"plan: {p.model} ({cfg.num_params() / 1e9:.2f} B params, {cfg.n_layers} layers, {cfg.n_heads} heads / "
         f"{cfg.n_kv_heads} kv of {cfg.head_dim}), {e.batch} × {e.seq_len:,} tokens per replica, "
-        f"{p.gpus} GPUs × {p.gpu_mem_gib:g} GiB, {precision}, activation checkpointing {e.ac}",
+        f"{p.gpus} GPUs × {p.gpu_mem_gib:g} GiB, {precision}, activation checkpointing {e.ac}, {e.loss} loss",
         f"layout: dp={e.dp} × sp={e.sp}  (the smallest sp that fits, then the most dp){_hybrid_note(e, cfg)}",
         f"per GPU: {rank_tokens:,} tokens in the sequence layout; "
         f"{-(-cfg.n_heads // (e.sp // e.ring_degree))} query head(s) × "
@@ -604,9 +623,12 @@ def format_plan(p: Plan) -> str:
         row("FSDP root unit gathered (embedding, norm, output)", m["fsdp_root_unsharded"]),
         row(f"activations kept ({cfg.n_layers} layers × {d['activations_per_layer'] / GIB:.3f} + outside)",
             m["activations"]),
-        row(f"logits ({rank_tokens:,} tokens × {cfg.vocab_size:,})", m["logits"]),
+        row(f"logits ({rank_tokens:,} tokens × {cfg.vocab_size:,})" if e.loss == "full"
+            else "logits (chunked loss: none held)", m["logits"]),
         row("backward peak: the larger of", m["backward_peak"]),
-        row("  loss backward: log-probs, fp32 grads, FSDP blocks", d["loss_backward_moment"]),
+        row("  loss backward: log-probs, fp32 grads, FSDP blocks" if e.loss == "full"
+            else f"  loss backward: {min(default_chunk_tokens(cfg.vocab_size), rank_tokens):,}-token tile, grads, FSDP",
+            d["loss_backward_moment"]),
         row(f"  block backward: layer {d['recomputed_layer'] / GIB:.2f} + attention "
             f"{d['attention_workspace'] / GIB:.2f} + FSDP", d["block_backward_moment"]),
         row("total (peak)", m["total"], f"   {fits} in {p.budget / GIB:.1f} GiB ({p.gpu_mem_gib:g} - "

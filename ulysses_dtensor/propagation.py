@@ -65,6 +65,12 @@ def as_replicated(t: torch.Tensor, mesh: DeviceMesh) -> DTensor:
     return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
+def replicated_value(t: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    """``t``, already the same value on every rank (a globally reduced loss), as a ``Replicate``
+    DTensor whose gradient reaches ``t`` unchanged (``t``'s own graph holds this rank's share)."""
+    return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False, shape=t.shape, stride=t.stride())
+
+
 def replicate_plain_tensors(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """If a call mixes DTensors and plain tensors, the plain ones as ``Replicate`` DTensors on the
     DTensors' mesh (so the autograd graph saves DTensors only); None if there is nothing to do."""

@@ -19,16 +19,15 @@ traces them from inside this mode's handler, where the mode is off).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint
 
 from .attention import ulysses_attention
 from .hybrid import hybrid_attention
-from .propagation import SequencePropagation, from_local, local_of, replicate_plain_tensors
+from .loss import chunked_linear_cross_entropy, linear_cross_entropy, token_weighted_cross_entropy
+from .propagation import SequencePropagation, from_local, local_of, replicate_plain_tensors, replicated_value
 
 def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """F.scaled_dot_product_attention's arguments by name (plain Python binding: traceable)."""
@@ -42,30 +41,6 @@ def _cross_entropy_arguments(input, target, weight=None, size_average=None, igno
     """F.cross_entropy's arguments by name, and whether it is a plain mean we can make global."""
     plain_mean = reduction == "mean" and weight is None and size_average is None and reduce is None
     return input, target, ignore_index, label_smoothing, plain_mean
-
-
-def token_weighted_cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    group: dist.ProcessGroup,
-    *,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Mean cross-entropy over the non-ignored tokens of *all* ranks of ``group``.
-
-    logits: (T, V) or (B, V, ...) of this rank's tokens; target: matching class indices.
-    The value is the global mean on every rank; the gradient is this rank's share
-    ``∂(local_sum / global_count)``, so gradients summed over ranks equal the single-process one.
-    """
-    local_sum = F.cross_entropy(
-        logits, target, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
-    )
-    count = (target != ignore_index).sum().to(local_sum.dtype)
-    global_count = funcol.all_reduce(count, "sum", group)
-    share = local_sum / global_count
-    total = funcol.all_reduce(share.detach(), "sum", group)
-    return share + (total - share.detach())
 
 
 def running_mode() -> "UlyssesFunctionMode | None":
@@ -141,6 +116,8 @@ class UlyssesFunctionMode(TorchFunctionMode):
                     return body(*body_args, **body_kwargs)
 
             return func(body_in_rewrite, *rest, **kwargs)
+        if func is linear_cross_entropy and self.loss_group is not None:
+            return self._linear_loss(*args, **kwargs)
         if func is F.cross_entropy and self.loss_group is not None:
             logits, target, ignore_index, label_smoothing, plain_mean = _cross_entropy_arguments(*args, **kwargs)
             if isinstance(logits, DTensor) or isinstance(target, DTensor):
@@ -203,6 +180,26 @@ class UlyssesFunctionMode(TorchFunctionMode):
             return from_local(out, q_global, torch.Size((*q_global.shape[:3], out.shape[3])))
         return out
 
+    def _linear_loss(self, hidden, weight, target, *, bias=None, ignore_index=-100, chunk_tokens=None):
+        """:func:`~ulysses_dtensor.loss.linear_cross_entropy` of this rank's tokens as the global
+        token-weighted mean (a ``Replicate`` DTensor on the propagation path)."""
+        if isinstance(hidden, DTensor) != isinstance(target, DTensor) or (
+            isinstance(hidden, DTensor) and hidden.placements != target.placements
+        ):
+            raise ValueError(
+                "parallelize_module: linear_cross_entropy got hidden states placed "
+                f"{getattr(hidden, 'placements', 'plain')} and targets {getattr(target, 'placements', 'plain')}; "
+                "both must be sequence-sharded alike"
+            )
+        with self.propagation.allowed():
+            loss = chunked_linear_cross_entropy(
+                local_of(hidden), weight, local_of(target), self.loss_group, bias=bias,
+                ignore_index=ignore_index, chunk_tokens=chunk_tokens,
+            )
+        if not isinstance(hidden, DTensor):
+            return loss
+        return replicated_value(loss, hidden.device_mesh)
+
     def _loss_on_shards(self, logits, target, ignore_index, label_smoothing):
         """Mean cross-entropy of sharded logits/targets (token rows matched by placement) as the
         global token-weighted mean: a ``Replicate`` DTensor scalar."""
@@ -218,5 +215,4 @@ class UlyssesFunctionMode(TorchFunctionMode):
             loss = token_weighted_cross_entropy(
                 local_of(logits), target.to_local(), group, ignore_index=ignore_index, label_smoothing=label_smoothing
             )
-        mesh = logits.device_mesh
-        return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False, shape=loss.shape, stride=loss.stride())
+        return replicated_value(loss, logits.device_mesh)

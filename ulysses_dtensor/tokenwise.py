@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard
 
-from .propagation import from_local
+from .propagation import from_local, replicated_value
 
 
 def is_moe_block(module: nn.Module) -> bool:
@@ -87,7 +87,7 @@ def global_load_balancing_loss(original: Callable, context: Callable) -> Callabl
         total = local + (total - local.detach())
         tokens, probs, rows = total[:num_experts].detach(), total[num_experts:-1], total[-1].detach()
         loss = torch.sum((tokens / rows) * (probs / rows)) * num_experts
-        return DTensor.from_local(loss, mesh, [Replicate()], run_check=False, shape=loss.shape, stride=loss.stride())
+        return replicated_value(loss, mesh)
 
     return load_balancing_loss_func
 
