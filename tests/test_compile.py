@@ -19,7 +19,8 @@ def _rank_fullgraph(ctx, kind, N):
     from ulysses_dtensor.compile import counting_backend
 
     mesh = _mesh(ctx, 1, ctx.world)
-    eager = U.parallelize_module(_build(kind, torch.float64), mesh, U.UlyssesConfig(fsdp=False))
+    # compiled forwards run the local path, where HF's own (float32) loss runs: so does the eager one
+    eager = U.parallelize_module(_build(kind, torch.float64), mesh, U.UlyssesConfig(fsdp=False, chunked_loss=False))
     compiled_model = U.parallelize_module(_build(kind, torch.float64), mesh, U.UlyssesConfig(fsdp=False))
     gen = torch.Generator().manual_seed(N)
     tokens = torch.randint(0, VOCAB, (2, N), generator=gen)

@@ -57,9 +57,10 @@ def _build(kind: str, dtype):
     raise ValueError(kind)
 
 
-def _loss_and_logits(kind, model, tokens, labels, mesh=None, own_loss=False):
+def _loss_and_logits(kind, model, tokens, labels, mesh=None, own_loss=False, need_logits=True):
     """``own_loss``: an HF model's next-token cross-entropy computed here in the logits' dtype
-    (transformers computes its own in float32; the eager parallel path's chunked loss does not)."""
+    (transformers computes its own in float32; the eager parallel path's chunked loss does not).
+    ``need_logits``: when the chunked loss returned none, a second forward (without labels) for them."""
     if kind == "gpt":
         logits, loss = model(tokens, labels)
         return loss, logits
@@ -72,13 +73,13 @@ def _loss_and_logits(kind, model, tokens, labels, mesh=None, own_loss=False):
 
         out = model(**shard_batch({"input_ids": tokens, "labels": labels}, mesh))
         logits = out.logits
-        if logits is None:  # the chunked loss holds no logits: a forward without labels has them
+        if logits is None and need_logits:  # the chunked loss holds no logits: a forward without labels has them
             with torch.no_grad():
                 logits = model(**shard_batch({"input_ids": tokens}, mesh)).logits
     else:
         out = model(input_ids=tokens, labels=labels)
         logits = out.logits
-        if logits is None:
+        if logits is None and need_logits:
             with torch.no_grad():
                 logits = model(input_ids=tokens).logits
     return out.loss, logits

@@ -102,6 +102,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
+def _tiled_sum(hidden, weight, bias, target, ignore_index: int, chunk_tokens: int | None) -> Tensor:
+    """Summed cross-entropy of this rank's tokens, in tiles (shapes checked first)."""
+    if hidden.dim() != 2 or target.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be (T, C) and target (T,), got {tuple(hidden.shape)} and {tuple(target.shape)}")
+    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, chunk)
+
+
 def chunked_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -118,10 +126,7 @@ def chunked_linear_cross_entropy(
 
     hidden: (T, C) this rank's tokens; weight: (V, C); bias: (V,) or None; target: (T,).
     """
-    if hidden.dim() != 2 or target.shape != hidden.shape[:1]:
-        raise ValueError(f"hidden must be (T, C) and target (T,), got {tuple(hidden.shape)} and {tuple(target.shape)}")
-    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
-    local_sum = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, chunk)
+    local_sum = _tiled_sum(hidden, weight, bias, target, ignore_index, chunk_tokens)
     return global_token_mean(local_sum, (target != ignore_index).sum(), group)
 
 
@@ -147,8 +152,5 @@ def linear_cross_entropy(
             linear_cross_entropy, (hidden, weight, target), hidden, weight, target, bias=bias,
             ignore_index=ignore_index, chunk_tokens=chunk_tokens,
         )
-    if hidden.dim() != 2 or target.shape != hidden.shape[:1]:
-        raise ValueError(f"hidden must be (T, C) and target (T,), got {tuple(hidden.shape)} and {tuple(target.shape)}")
-    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
-    local_sum = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, chunk)
+    local_sum = _tiled_sum(hidden, weight, bias, target, ignore_index, chunk_tokens)
     return local_sum / (target != ignore_index).sum()

@@ -41,11 +41,11 @@ from .inputs import IGNORE_INDEX, check_no_padding, global_seq_len, local_slice,
 from .layout import seq_shard_offsets, seq_shard_sizes
 from .loss import chunked_linear_cross_entropy
 from .mesh import check_mesh, dp_sp_mesh, sp_mesh
+from .namespaces import model_namespaces, rebound
 from .propagation import (
     SequenceCollectiveGuard, SequencePropagation, local_of, shard_sequence, track_modules,
 )
 from .recompute import reenter_rewrite_on_recompute
-from .namespaces import model_namespaces, rebound
 from .rewrite import UlyssesFunctionMode, running_mode
 from .tokenwise import global_load_balancing_loss, use_local_moe
 
