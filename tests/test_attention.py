@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from helpers import TOL, assert_out_and_grads_match, attention_inputs, make_mask, rel_err, seq_slice
 from ulysses_dtensor import CollectiveCounter, UlyssesLayout, hybrid_attention, ulysses_attention
 from ulysses_dtensor.kernels import flash_attn_available
+from ulysses_dtensor.launch import RankFailure
 
 
 def _rank_attention(ctx, q, k, v, grad_out, kwargs):
@@ -43,7 +44,7 @@ def attention_cases(draw):
     )
 
 
-def check_case(ranks4, case, value_dim=None):
+def check_case(ranks4, case, value_dim=None, head_chunks=1):
     B, H, Hkv, N, D = case["batch"], case["num_heads"], case["num_kv_heads"], case["seq_len"], case["head_dim"]
     Dv = value_dim or D
     dtype, world = case["dtype"], case["world"]
@@ -54,7 +55,8 @@ def check_case(ranks4, case, value_dim=None):
     elif case["mask"] != "none":
         kwargs["attn_mask"] = make_mask(case["mask"], case["mask_shape"], B, H, N, dtype, gen)
 
-    results = ranks4.run(_rank_attention, q, k, v, grad_out, kwargs, world=world)
+    chunks = dict(head_chunks=head_chunks) if head_chunks > 1 else {}
+    results = ranks4.run(_rank_attention, q, k, v, grad_out, kwargs | chunks, world=world)
 
     ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(*ref_inputs, **kwargs)
@@ -64,15 +66,30 @@ def check_case(ranks4, case, value_dim=None):
     size = torch.finfo(dtype).bits // 8
     for rank, r in enumerate(results):
         (fwd_counts, fwd_bytes), (bwd_counts, bwd_bytes) = r[4], r[5]
-        expected_counts = {"all_to_all": 2} if world > 1 else {}
+        expected_counts = {"all_to_all": 2 * head_chunks} if world > 1 else {}
         assert fwd_counts == expected_counts and bwd_counts == expected_counts, (fwd_counts, bwd_counts)
         assert fwd_bytes == layout.forward_elements_sent(rank) * size, (rank, fwd_bytes)
-        assert bwd_bytes == layout.backward_elements_sent(rank) * size, (rank, bwd_bytes)
+        backward = layout.head_chunked_backward_elements_sent if head_chunks > 1 else layout.backward_elements_sent
+        assert bwd_bytes == backward(rank) * size, (rank, bwd_bytes)
 
 
 @given(case=attention_cases())
 def test_matches_single_process_forward_and_backward(ranks4, case):
     check_case(ranks4, case)
+
+
+@settings(max_examples=40)
+@given(case=attention_cases(), head_chunks=st.integers(2, 4))
+def test_head_chunks_match_single_process(ranks4, case, head_chunks):
+    """head_chunks > 1: same output and gradients; forward bytes of plain Ulysses, backward also
+    re-sends q/k/v; 2 collectives per chunk each way."""
+    check_case(ranks4, case, head_chunks=head_chunks)
+
+
+def test_head_chunks_refuse_dropout(ranks4):
+    q = torch.randn(1, 4, 8, 4)
+    with pytest.raises(RankFailure, match="ValueError: head_chunks=2 with dropout_p"):
+        ranks4.run(_rank_attention, q, q, q, q, dict(head_chunks=2, dropout_p=0.1), world=2)
 
 
 @settings(max_examples=10)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from .comm import ExchangePlan, check_4d, exchange_head_to_seq, exchange_seq_to_head, group_rank_world, resolve_seq_len
 from .documents import Documents, as_documents
+from .head_chunks import check_head_chunks, head_chunked_attention
 from .kernels import resolve_kernel
 from .layout import UlyssesLayout
 from .masks import CausalMask
@@ -35,6 +36,7 @@ def ulysses_attention(
     kernel: str | Callable = "sdpa",
     seq_len: int | None = None,
     documents: Documents | Tensor | None = None,
+    head_chunks: int = 1,
 ) -> Tensor:
     """Exact attention over the global sequence from sequence-sharded inputs.
 
@@ -59,6 +61,10 @@ def ulysses_attention(
             / ``(N,)``, non-decreasing along the sequence, the same on every rank. The mask is built
             locally after the all-to-all (every rank then holds all N tokens): no extra collective.
             See docs/packed.md for the kernels' document paths and their memory.
+        head_chunks: process each rank's query heads in this many chunks (``head_chunks.py``):
+            full-sequence q and output exist for ~1/head_chunks of the heads at a time and the
+            head layout is not saved for backward (which receives q, k, v again and recomputes
+            the kernel). 1 (default): plain Ulysses.
 
     Returns:
         (B, H, N_r, Dv): this rank's tokens of the attention output.
@@ -71,6 +77,15 @@ def ulysses_attention(
     )
     local_kernel, check_kernel_inputs = resolve_kernel(kernel, documents=documents is not None)
     check_kernel_inputs(attn_mask, dropout_p)
+    check_head_chunks(head_chunks, dropout_p)
+    if head_chunks > 1 and world > 1:
+        def attend(q_h, k_h, v_h, chunk_layout):
+            return local_attention(
+                q_h, k_h, v_h, chunk_layout, rank, local_kernel, attn_mask=attn_mask, dropout_p=dropout_p,
+                is_causal=is_causal, scale=scale, documents=documents,
+            )
+
+        return head_chunked_attention(q, k, v, layout, rank, group, head_chunks, attend)
     plan = ExchangePlan(
         heads=(layout.q_ranges, layout.kv_ranges, layout.kv_ranges),
         num_heads=(layout.num_heads, layout.num_kv_heads, layout.num_kv_heads),

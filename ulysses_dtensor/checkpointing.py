@@ -10,8 +10,12 @@
   projections, the exchange's copies and the MLP are recomputed. Kept per layer: the block
   input, the received q/k/v, the kernel's output and logsumexp, and the output received back.
 
-Both wrap each block in torch's ``checkpoint_wrapper`` (non-reentrant), so they work eagerly and
-under ``torch.compile`` (whole model or per block), and FSDP2 shards the wrapped blocks.
+* ``"offload"``: like ``"full"``, with each kept block input in host memory from forward to
+  backward (``offload.py``; eager only).
+
+``"selective"`` and ``"full"`` wrap each block in torch's ``checkpoint_wrapper`` (non-reentrant),
+so they work eagerly and under ``torch.compile`` (whole model or per block), and FSDP2 shards the
+wrapped blocks; ``"offload"`` replaces the block's forward (same module, same state-dict names).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-MODES = ("none", "selective", "full")
+from .offload import offload_block_inputs
+
+MODES = ("none", "selective", "full", "offload")
 
 
 def _saved_ops() -> frozenset:
@@ -88,6 +94,10 @@ def checkpoint_blocks(model: nn.Module, blocks: list[nn.Module], mode: str) -> l
         )
     if not blocks:
         raise ValueError(f"activation_checkpointing={mode!r}: no transformer blocks found (set block_classes)")
+    if mode == "offload":
+        for block in blocks:
+            offload_block_inputs(block)
+        return blocks
     wanted = {id(b) for b in blocks}
     options = {"context_fn": selective_context} if mode == "selective" else {}
     apply_activation_checkpointing(

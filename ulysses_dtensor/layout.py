@@ -140,6 +140,12 @@ class UlyssesLayout:
         qkv = [self._qkv_width(dst) for dst in range(self.world)]
         return self._seq_to_head_elements(rank, grad_out) + self._head_to_seq_elements(rank, qkv)
 
+    def head_chunked_backward_elements_sent(self, rank: int) -> int:
+        """Elements ``rank`` sends in one backward of ``head_chunks.py``: the plain backward's,
+        plus q, k and v to the head layout again (the chunked forward saves no head layout)."""
+        qkv = [self._qkv_width(dst) for dst in range(self.world)]
+        return self.backward_elements_sent(rank) + self._seq_to_head_elements(rank, qkv)
+
     def _qkv_width(self, rank: int) -> int:
         """Elements per token of the q, k and v heads ``rank`` owns in the head layout."""
         return _width(self.q_ranges[rank]) * self.head_dim + _width(self.kv_ranges[rank]) * (

@@ -47,6 +47,7 @@ from .propagation import (
 )
 from .recompute import reenter_rewrite_on_recompute
 from .rewrite import UlyssesFunctionMode, running_mode
+from .tiling import tile_mlps
 from .tokenwise import global_load_balancing_loss, use_local_moe
 
 
@@ -111,6 +112,14 @@ class UlyssesConfig:
             (call without labels for logits). ``True``: the same, refused for other models;
             ``False``: never.
         loss_chunk_tokens: tokens per tile of the chunked loss; default 2**26 // vocab.
+        head_chunks: run each attention call's query heads in this many chunks per rank
+            (``head_chunks.py``): the full-sequence q/output of only ~1/head_chunks of the local
+            heads exist at a time and no head layout is saved for backward, which receives q, k,
+            v again and recomputes the kernel. Eager only; not with the ring hybrid or selective
+            checkpointing. 1 (default): plain Ulysses.
+        tiled_mlp: compute each block's MLP in sequence tiles of ``mlp_tile_tokens`` tokens
+            (default: the model width), recomputed tile by tile in backward (``tiling.py``):
+            the (N/sp × ffn) intermediate is never whole.
         propagation: run the forward on ``Shard(seq)`` DTensors, so the model's code sees the
             global sequence (``propagation.py``, docs/parallelize.md). ``None`` (default): yes
             in eager forwards with sp > 1, except torchtitan models; ``False``: the local-tensor
@@ -133,6 +142,9 @@ class UlyssesConfig:
     propagation: bool | None = None
     chunked_loss: bool | None = None
     loss_chunk_tokens: int | None = None
+    head_chunks: int = 1
+    tiled_mlp: bool = False
+    mlp_tile_tokens: int | None = None
 
 
 def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig | None = None) -> nn.Module:
@@ -152,6 +164,7 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     check_mesh(mesh)
     check_checkpointing_mode(config.activation_checkpointing, model)
     check_compile_overlap(config.compile_overlap)
+    check_memory_options(config)
     propagate = _use_propagation(model, config.propagation, sp_mesh(mesh).size())
     _install_attention(model, propagate)
     check_same_model(model, dp_sp_mesh(mesh).get_group())
@@ -164,9 +177,17 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
             f"(sp {wrapper.world} > the model's query heads, ring degree {wrapper.ring_degree}); "
             f'use compile_overlap="inductor"'
         )
+    if config.head_chunks > 1 and wrapper.ring_degree > 1:
+        raise ValueError(
+            f"UlyssesConfig(head_chunks={config.head_chunks}) with the Ulysses × ring hybrid (sp {wrapper.world} > "
+            f"the model's query heads): chunk heads only with plain Ulysses (head_chunks=1 here)"
+        )
     model.forward = wrapper  # instance attribute: nn.Module.__call__ (and its hooks) call it
     enable_comm_overlap(config.compile_overlap)
-    blocks = checkpoint_blocks(model, find_blocks(model, config.block_classes), config.activation_checkpointing)
+    blocks = find_blocks(model, config.block_classes)
+    if config.tiled_mlp:
+        tile_mlps(blocks, config.mlp_tile_tokens)
+    blocks = checkpoint_blocks(model, blocks, config.activation_checkpointing)
     reenter_rewrite_on_recompute(blocks)  # activation checkpointing recomputes inside the rewrite
     if config.fsdp:
         apply_fsdp(model, dp_sp_mesh(mesh), blocks, config.reshard_after_forward)
@@ -176,6 +197,21 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     if wrapper.propagate:
         track_modules(model, wrapper.module_stack)
     return model
+
+
+def check_memory_options(config: UlyssesConfig) -> None:
+    """The memory options (head_chunks, tiled_mlp) are valid and combine (before any collective)."""
+    if isinstance(config.head_chunks, bool) or not isinstance(config.head_chunks, int) or config.head_chunks < 1:
+        raise ValueError(f"UlyssesConfig(head_chunks={config.head_chunks!r}): an integer >= 1")
+    if config.head_chunks > 1 and config.activation_checkpointing == "selective":
+        raise ValueError(
+            f"UlyssesConfig(head_chunks={config.head_chunks}) with activation_checkpointing='selective': selective "
+            "keeps the head layout that head chunking is there to drop; use 'full' or 'offload'"
+        )
+    if not isinstance(config.tiled_mlp, bool):
+        raise ValueError(f"UlyssesConfig(tiled_mlp={config.tiled_mlp!r}): True or False")
+    if config.mlp_tile_tokens is not None and (not isinstance(config.mlp_tile_tokens, int) or config.mlp_tile_tokens < 1):
+        raise ValueError(f"UlyssesConfig(mlp_tile_tokens={config.mlp_tile_tokens!r}): an integer >= 1 or None")
 
 
 def _install_attention(model: nn.Module, propagate: bool) -> None:
@@ -272,7 +308,7 @@ class _SequenceParallelForward:
             module._buffers[name] = table[offset : offset + n_local]
         mode = UlyssesFunctionMode(
             self.sp_group, seq_len, self.loss_group, self.config.kernel, self.config.local_attention_only,
-            documents, self.ring_degree,
+            documents, self.ring_degree, head_chunks=self.config.head_chunks,
         )
         try:
             with mode, _checkpointed_bodies_enter_rewrite():
@@ -348,7 +384,7 @@ class _SequenceParallelForward:
         propagation = SequencePropagation(SequenceCollectiveGuard(self.module_stack), mesh_sp=self.mesh_sp)
         mode = UlyssesFunctionMode(
             self.sp_group, seq_len, self.loss_group, self.config.kernel, self.config.local_attention_only,
-            documents, self.ring_degree, propagation,
+            documents, self.ring_degree, propagation, head_chunks=self.config.head_chunks,
         )
         try:
             native = hf.propagated_forward(self.model) if self.is_hf else contextlib.nullcontext()

@@ -85,11 +85,14 @@ class UlyssesFunctionMode(TorchFunctionMode):
             call attends within documents only. ``document_calls`` counts the calls that did.
         ring_degree: R > 1 runs SDPA calls as the hybrid U-way Ulysses × R-way ring
             (``hybrid.hybrid_attention``; its own kernel, so ``kernel`` is unused there).
+        head_chunks: query heads per rank processed in this many chunks (``head_chunks.py``).
     """
 
     def __init__(self, sp_group, seq_len: int, loss_group=None, kernel="sdpa", local_attention_only=False,
-                 documents=None, ring_degree: int = 1, propagation: SequencePropagation | None = None):
+                 documents=None, ring_degree: int = 1, propagation: SequencePropagation | None = None,
+                 head_chunks: int = 1):
         super().__init__()
+        self.head_chunks = head_chunks
         self.propagation = propagation or SequencePropagation(None, active=False)
         self.ring_degree = ring_degree
         self.local_attention_only = local_attention_only
@@ -175,7 +178,14 @@ class UlyssesFunctionMode(TorchFunctionMode):
                 if self.ring_degree > 1 and kernel is None:
                     out = hybrid_attention(q, k, v, self.sp_group, ring_degree=self.ring_degree, seq_len=self.seq_len, **options)
                 else:
-                    out = ulysses_attention(q, k, v, self.sp_group, seq_len=self.seq_len, kernel=kernel or self.kernel, **options)
+                    if self.head_chunks > 1 and torch.compiler.is_compiling():
+                        raise NotImplementedError(
+                            f"UlyssesConfig(head_chunks={self.head_chunks}) runs eagerly only: its recomputing "
+                            "backward is an autograd.Function torch.compile does not trace; use head_chunks=1 "
+                            "with torch.compile"
+                        )
+                    out = ulysses_attention(q, k, v, self.sp_group, seq_len=self.seq_len, kernel=kernel or self.kernel,
+                                            head_chunks=self.head_chunks, **options)
         if sharded:
             return from_local(out, q_global, torch.Size((*q_global.shape[:3], out.shape[3])))
         return out

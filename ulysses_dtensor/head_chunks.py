@@ -1,0 +1,175 @@
+"""Head-chunked Ulysses attention: full-sequence q/out exist for a fraction of the heads at a time.
+
+Plain Ulysses attention holds, per rank, its ``H/P`` query heads over all ``N`` tokens (q, the
+output, and in backward dO and dq) and saves the head-layout q, k, v, output and logsumexp for
+backward. With ``head_chunks = C`` the query heads of every rank are processed in ``C`` chunks:
+
+forward, per chunk ``j``: all-to-all of the chunk's q heads (chunk 0 also carries k and v, which
+stay received for the whole call), the local kernel, all-to-all of the chunk's output back into
+the sequence layout. Saved for backward: only the sequence-layout q, k, v (this rank's tokens).
+
+backward: k and v are received again (fused into chunk 0's exchange with that chunk's q and dO);
+per chunk the kernel's forward is recomputed on the received heads and its own backward gives
+dq, dk, dv; each chunk's dq goes back with its exchange, dk and dv (summed over chunks) with the
+last one.
+
+Bytes per forward are those of plain Ulysses; backward also receives q, k and v again (what full
+activation checkpointing's recomputed forward exchange moves), in exchange for never saving the
+head layout. Collectives: ``2·C`` per forward and ``2·C`` per backward. A rank with fewer heads
+in a chunk (``H % P != 0``) sends and receives an empty slice, so every rank issues the same
+collectives. Any kernel with autograd works; dropout does not (its recompute would draw other
+masks), nor ring hybrids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from .comm import ExchangePlan, _head_to_seq, _profiled, _seq_to_head
+from .layout import HeadRange, UlyssesLayout
+
+Tensor = torch.Tensor
+
+
+def chunk_head_ranges(q_ranges: tuple[HeadRange, ...], chunks: int) -> list[tuple[HeadRange, ...]]:
+    """Each rank's query heads cut into ``chunks`` consecutive pieces of ``ceil(H_max / chunks)``
+    heads (``H_max``: the most heads a rank holds); a rank's later pieces may be empty."""
+    most = max(stop - start for start, stop in q_ranges)
+    size = -(-most // chunks)
+    return [
+        tuple((min(start + j * size, stop), min(start + (j + 1) * size, stop)) for start, stop in q_ranges)
+        for j in range(chunks)
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkPlans:
+    """The exchanges of one head-chunked call."""
+
+    layout: UlyssesLayout
+    rank: int
+    group: object
+    q_chunks: list[tuple[HeadRange, ...]]
+
+    def plan(self, heads: tuple, num_heads: tuple) -> ExchangePlan:
+        return ExchangePlan(heads=heads, num_heads=num_heads, seq_sizes=self.layout.seq_sizes, rank=self.rank,
+                            group=self.group)
+
+    def to_heads(self, j: int, tensors: tuple, with_kv: tuple = ()) -> list[Tensor]:
+        """Chunk ``j``'s query-head tensors (q, or q and dO) to the head layout; ``with_kv``
+        (k, v) ride along in the same collective."""
+        L = self.layout
+        heads = (self.q_chunks[j],) * len(tensors) + (L.kv_ranges,) * len(with_kv)
+        nums = (L.num_heads,) * len(tensors) + (L.num_kv_heads,) * len(with_kv)
+        return _seq_to_head(self.plan(heads, nums), (*tensors, *with_kv))
+
+    def to_seq(self, j: int, out_h: Tensor, with_kv: tuple = ()) -> tuple[Tensor, list[Tensor]]:
+        """Chunk ``j``'s head-layout ``out_h`` back to this rank's tokens, as (B, heads of chunk
+        j over all ranks, N_r, D) in rank order; ``with_kv`` (dk, dv) ride along, summed into
+        (B, H_kv, N_r, D). Returns (chunk tensor, kv tensors)."""
+        L = self.layout
+        # the chunk's heads renumbered 0.. in rank order: an ordered partition, so no zero fill
+        widths = [stop - start for start, stop in self.q_chunks[j]]
+        packed, offset = [], 0
+        for w in widths:
+            packed.append((offset, offset + w))
+            offset += w
+        heads = (tuple(packed),) + (L.kv_ranges,) * len(with_kv)
+        nums = (offset,) + (L.num_kv_heads,) * len(with_kv)
+        results = _head_to_seq(self.plan(heads, nums), (out_h, *with_kv))
+        return results[0], results[1:]
+
+    def global_heads(self, j: int, device) -> Tensor:
+        return torch.tensor([h for start, stop in self.q_chunks[j] for h in range(start, stop)], device=device,
+                            dtype=torch.long)
+
+    def chunk_layout(self, j: int) -> UlyssesLayout:
+        """The layout ``attention.local_attention`` sees for chunk ``j``: its query heads, the
+        rank's whole kv range (received once)."""
+        return dataclasses.replace(self.layout, q_ranges=self.q_chunks[j])
+
+
+class _HeadChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plans: _ChunkPlans, attend: Callable, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        ctx.plans, ctx.attend = plans, attend
+        ctx.save_for_backward(q, k, v)
+        out = None
+        k_h = v_h = None
+        with _profiled("ulysses_dtensor::head_chunked_attention"):
+            for j in range(len(plans.q_chunks)):
+                first = j == 0
+                received = plans.to_heads(j, (q,), with_kv=(k, v) if first else ())
+                q_c = received[0]
+                if first:
+                    k_h, v_h = received[1], received[2]
+                out_c = attend(q_c, k_h, v_h, plans.chunk_layout(j))
+                seq_c, _ = plans.to_seq(j, out_c)
+                del out_c, q_c
+                if out is None:
+                    out = seq_c.new_empty(q.shape[0], plans.layout.num_heads, q.shape[2], seq_c.shape[-1])
+                out.index_copy_(1, plans.global_heads(j, q.device), seq_c)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        plans, attend = ctx.plans, ctx.attend
+        q, k, v = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        chunks = len(plans.q_chunks)
+        dq = torch.zeros_like(q)
+        k_h = v_h = dk_h = dv_h = None
+        dk = dv = None
+        with _profiled("ulysses_dtensor::head_chunked_attention_backward"):
+            for j in range(chunks):
+                first, last = j == 0, j == chunks - 1
+                received = plans.to_heads(j, (q, grad_out), with_kv=(k, v) if first else ())
+                q_c, dout_c = received[0], received[1]
+                if first:
+                    k_h, v_h = received[2].requires_grad_(), received[3].requires_grad_()
+                    dk_h, dv_h = torch.zeros_like(k_h), torch.zeros_like(v_h)
+                q_c.requires_grad_()
+                with torch.enable_grad():
+                    out_c = attend(q_c, k_h, v_h, plans.chunk_layout(j))
+                    dq_c, dk_c, dv_c = torch.autograd.grad(out_c, (q_c, k_h, v_h), dout_c, allow_unused=True)
+                if dk_c is not None:
+                    dk_h += dk_c
+                if dv_c is not None:
+                    dv_h += dv_c
+                if dq_c is None:
+                    dq_c = torch.zeros_like(q_c)
+                del out_c, q_c, dout_c
+                seq_c, kv = plans.to_seq(j, dq_c, with_kv=(dk_h, dv_h) if last else ())
+                dq.index_copy_(1, plans.global_heads(j, q.device), seq_c)
+                if last:
+                    dk, dv = kv
+        return None, None, dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def head_chunked_attention(
+    q: Tensor, k: Tensor, v: Tensor, layout: UlyssesLayout, rank: int, group, chunks: int,
+    attend: Callable[[Tensor, Tensor, Tensor, UlyssesLayout], Tensor],
+) -> Tensor:
+    """Ulysses attention of this rank's tokens in ``chunks`` chunks of query heads.
+
+    q: (B, H, N_r, D), k/v: (B, H_kv, N_r, D) plain local shards, checked already
+    (``attention.check_attention_inputs``). ``attend(q_h, k_h, v_h, chunk_layout)`` runs the local
+    kernel on one chunk: q_h (B, chunk heads, N, D) and the rank's kv heads. Returns
+    (B, H, N_r, Dv)."""
+    plans = _ChunkPlans(layout, rank, group, chunk_head_ranges(layout.q_ranges, chunks))
+    return _HeadChunkedAttention.apply(plans, attend, q, k, v)
+
+
+def check_head_chunks(chunks: int, dropout_p: float) -> None:
+    """Refuse what the recomputing backward cannot make exact (before any collective)."""
+    if not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"head_chunks must be an integer >= 1, got {chunks!r}")
+    if chunks > 1 and dropout_p:
+        raise ValueError(
+            f"head_chunks={chunks} with dropout_p={dropout_p}: the chunked backward recomputes the kernel, "
+            "which would draw different dropout masks; use head_chunks=1 or no attention dropout"
+        )
+
