@@ -19,12 +19,18 @@ head layout. Collectives: ``2·C`` per forward and ``2·C`` per backward. A rank
 in a chunk (``H % P != 0``) sends and receives an empty slice, so every rank issues the same
 collectives. Any kernel with autograd works; dropout does not (its recompute would draw other
 masks), nor ring hybrids.
+
+Under ``activation_checkpointing="offload"`` the forward's outputs are kept (in host memory,
+with the block inputs) and the block's recompute takes them instead of exchanging again
+(:data:`output_stash`): per layer the bytes are then the forward's plus the backward's (which
+re-receives q, k, v), less than full checkpointing's forward, recomputed forward and backward.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -92,61 +98,87 @@ class _ChunkPlans:
         return dataclasses.replace(self.layout, q_ranges=self.q_chunks[j])
 
 
+class OutputStash(Protocol):
+    """Where a recomputing checkpoint keeps the outputs of a block's attention calls."""
+
+    def record(self, out: Tensor) -> None: ...  # the forward: keep this call's output
+
+    def replay(self) -> Tensor | None: ...  # the recompute: the next call's output (None: compute)
+
+
+# set by offload.py around a block's forward (recording) and its recompute (replaying)
+output_stash: contextvars.ContextVar[OutputStash | None] = contextvars.ContextVar("output_stash", default=None)
+
+
 class _HeadChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plans: _ChunkPlans, attend: Callable, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         ctx.plans, ctx.attend = plans, attend
         ctx.save_for_backward(q, k, v)
-        out = None
-        k_h = v_h = None
-        with _profiled("ulysses_dtensor::head_chunked_attention"):
-            for j in range(len(plans.q_chunks)):
-                first = j == 0
-                received = plans.to_heads(j, (q,), with_kv=(k, v) if first else ())
-                q_c = received[0]
-                if first:
-                    k_h, v_h = received[1], received[2]
-                out_c = attend(q_c, k_h, v_h, plans.chunk_layout(j))
-                seq_c, _ = plans.to_seq(j, out_c)
-                del out_c, q_c
-                if out is None:
-                    out = seq_c.new_empty(q.shape[0], plans.layout.num_heads, q.shape[2], seq_c.shape[-1])
-                out.index_copy_(1, plans.global_heads(j, q.device), seq_c)
+        stash = output_stash.get()
+        if stash is not None:
+            replayed = stash.replay()
+            if replayed is not None:
+                return replayed
+        out = _chunked_forward(plans, attend, q, k, v)
+        if stash is not None:
+            stash.record(out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        plans, attend = ctx.plans, ctx.attend
-        q, k, v = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        chunks = len(plans.q_chunks)
-        dq = torch.zeros_like(q)
-        k_h = v_h = dk_h = dv_h = None
-        dk = dv = None
-        with _profiled("ulysses_dtensor::head_chunked_attention_backward"):
-            for j in range(chunks):
-                first, last = j == 0, j == chunks - 1
-                received = plans.to_heads(j, (q, grad_out), with_kv=(k, v) if first else ())
-                q_c, dout_c = received[0], received[1]
-                if first:
-                    k_h, v_h = received[2].requires_grad_(), received[3].requires_grad_()
-                    dk_h, dv_h = torch.zeros_like(k_h), torch.zeros_like(v_h)
-                q_c.requires_grad_()
-                with torch.enable_grad():
-                    out_c = attend(q_c, k_h, v_h, plans.chunk_layout(j))
-                    dq_c, dk_c, dv_c = torch.autograd.grad(out_c, (q_c, k_h, v_h), dout_c, allow_unused=True)
-                if dk_c is not None:
-                    dk_h += dk_c
-                if dv_c is not None:
-                    dv_h += dv_c
-                if dq_c is None:
-                    dq_c = torch.zeros_like(q_c)
-                del out_c, q_c, dout_c
-                seq_c, kv = plans.to_seq(j, dq_c, with_kv=(dk_h, dv_h) if last else ())
-                dq.index_copy_(1, plans.global_heads(j, q.device), seq_c)
-                if last:
-                    dk, dv = kv
-        return None, None, dq, dk.to(k.dtype), dv.to(v.dtype)
+        return (None, None, *_chunked_backward(ctx.plans, ctx.attend, *ctx.saved_tensors, grad_out))
+
+
+def _chunked_forward(plans: _ChunkPlans, attend: Callable, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    out = None
+    k_h = v_h = None
+    with _profiled("ulysses_dtensor::head_chunked_attention"):
+        for j in range(len(plans.q_chunks)):
+            first = j == 0
+            received = plans.to_heads(j, (q,), with_kv=(k, v) if first else ())
+            q_c = received[0]
+            if first:
+                k_h, v_h = received[1], received[2]
+            out_c = attend(q_c, k_h, v_h, plans.chunk_layout(j))
+            seq_c, _ = plans.to_seq(j, out_c)
+            del out_c, q_c
+            if out is None:
+                out = seq_c.new_empty(q.shape[0], plans.layout.num_heads, q.shape[2], seq_c.shape[-1])
+            out.index_copy_(1, plans.global_heads(j, q.device), seq_c)
+    return out
+
+
+def _chunked_backward(plans: _ChunkPlans, attend: Callable, q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor):
+    grad_out = grad_out.contiguous()
+    chunks = len(plans.q_chunks)
+    dq = torch.zeros_like(q)
+    k_h = v_h = dk_h = dv_h = None
+    dk = dv = None
+    with _profiled("ulysses_dtensor::head_chunked_attention_backward"):
+        for j in range(chunks):
+            first, last = j == 0, j == chunks - 1
+            received = plans.to_heads(j, (q, grad_out), with_kv=(k, v) if first else ())
+            q_c, dout_c = received[0], received[1]
+            if first:
+                k_h, v_h = received[2].requires_grad_(), received[3].requires_grad_()
+                dk_h, dv_h = torch.zeros_like(k_h), torch.zeros_like(v_h)
+            q_c.requires_grad_()
+            with torch.enable_grad():
+                out_c = attend(q_c, k_h, v_h, plans.chunk_layout(j))
+                dq_c, dk_c, dv_c = torch.autograd.grad(out_c, (q_c, k_h, v_h), dout_c, allow_unused=True)
+            if dk_c is not None:
+                dk_h += dk_c
+            if dv_c is not None:
+                dv_h += dv_c
+            if dq_c is None:
+                dq_c = torch.zeros_like(q_c)
+            del out_c, q_c, dout_c
+            seq_c, kv = plans.to_seq(j, dq_c, with_kv=(dk_h, dv_h) if last else ())
+            dq.index_copy_(1, plans.global_heads(j, q.device), seq_c)
+            if last:
+                dk, dv = kv
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def head_chunked_attention(

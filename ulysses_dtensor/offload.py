@@ -7,7 +7,9 @@ at long sequences the inputs of all layers are still the largest thing held (L Ã
 gradient (the hidden states) are copied to host memory, and backward copies them back,
 recomputes the block with autograd (inside the same Ulysses rewrite, RNG and autocast state as
 the forward) and returns the gradients of the inputs and of the block's parameters. FSDP2 sees
-an ordinary op: its pre-backward gather runs before, its reduce-scatter after.
+an ordinary op: its pre-backward gather runs before, its reduce-scatter after. With
+``head_chunks > 1`` the block's attention outputs are kept in host memory too and the recompute
+takes them: no attention exchange and no kernel runs twice in forward.
 
 On CUDA the copies go to pinned buffers on a side stream (forward: the device copy is kept
 until the transfer completes; backward: the current stream waits for the copy back). On a
@@ -26,6 +28,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 from torch.utils import _pytree as pytree
 
+from .head_chunks import output_stash
 from .rewrite import running_mode
 
 Tensor = torch.Tensor
@@ -79,6 +82,33 @@ class _HostCopy:
         return local
 
 
+class _AttentionOutputs:
+    """The block's head-chunked attention outputs (``head_chunks.output_stash``), in host memory
+    from the forward to the recompute, which takes them instead of exchanging q/k/v again."""
+
+    def __init__(self):
+        self.copies: list[_HostCopy] = []
+        self.replaying = False
+
+    def record(self, out: Tensor) -> None:
+        if not self.replaying:
+            self.copies.append(_HostCopy(out))
+
+    def replay(self) -> Tensor | None:
+        if not self.replaying or not self.copies:
+            return None
+        return self.copies.pop(0).restore()
+
+
+@contextlib.contextmanager
+def _stashing(stash: _AttentionOutputs):
+    token = output_stash.set(stash)
+    try:
+        yield
+    finally:
+        output_stash.reset(token)
+
+
 class _OffloadedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, *inputs: Tensor):
@@ -86,7 +116,9 @@ class _OffloadedBlock(torch.autograd.Function):
         n = call.n_grad_inputs
         ctx.copies = [_HostCopy(t) for t in inputs[:n]]
         ctx.save_for_backward(*inputs[n:])  # parameters: held by the model anyway
-        outputs = call.run(inputs[:n])
+        ctx.stash = _AttentionOutputs()
+        with _stashing(ctx.stash):
+            outputs = call.run(inputs[:n])
         return tuple(outputs)
 
     @staticmethod
@@ -95,8 +127,10 @@ class _OffloadedBlock(torch.autograd.Function):
         params = ctx.saved_tensors
         restored = [c.restore().requires_grad_() for c in ctx.copies]
         ctx.copies = None
-        with call.recompute_context(), torch.enable_grad():
+        ctx.stash.replaying = True
+        with call.recompute_context(), torch.enable_grad(), _stashing(ctx.stash):
             outputs = call.run(restored)
+        ctx.stash = None
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         wanted = restored + list(params)
         got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)

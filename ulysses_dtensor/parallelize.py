@@ -47,7 +47,7 @@ from .propagation import (
 )
 from .recompute import reenter_rewrite_on_recompute
 from .rewrite import UlyssesFunctionMode, running_mode
-from .tiling import tile_mlps
+from .tiling import tile_tokenwise
 from .tokenwise import global_load_balancing_loss, use_local_moe
 
 
@@ -117,9 +117,10 @@ class UlyssesConfig:
             heads exist at a time and no head layout is saved for backward, which receives q, k,
             v again and recomputes the kernel. Eager only; not with the ring hybrid or selective
             checkpointing. 1 (default): plain Ulysses.
-        tiled_mlp: compute each block's MLP in sequence tiles of ``mlp_tile_tokens`` tokens
-            (default: the model width), recomputed tile by tile in backward (``tiling.py``):
-            the (N/sp × ffn) intermediate is never whole.
+        tiled_tokenwise: compute each block's MLP and every norm in sequence tiles of
+            ``tile_tokens`` tokens (default: the model width), recomputed tile by tile in
+            backward (``tiling.py``): the (N/sp × ffn) intermediate and the norms' fp32
+            temporaries are never whole.
         propagation: run the forward on ``Shard(seq)`` DTensors, so the model's code sees the
             global sequence (``propagation.py``, docs/parallelize.md). ``None`` (default): yes
             in eager forwards with sp > 1, except torchtitan models; ``False``: the local-tensor
@@ -143,8 +144,8 @@ class UlyssesConfig:
     chunked_loss: bool | None = None
     loss_chunk_tokens: int | None = None
     head_chunks: int = 1
-    tiled_mlp: bool = False
-    mlp_tile_tokens: int | None = None
+    tiled_tokenwise: bool = False
+    tile_tokens: int | None = None
 
 
 def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig | None = None) -> nn.Module:
@@ -185,8 +186,8 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     model.forward = wrapper  # instance attribute: nn.Module.__call__ (and its hooks) call it
     enable_comm_overlap(config.compile_overlap)
     blocks = find_blocks(model, config.block_classes)
-    if config.tiled_mlp:
-        tile_mlps(blocks, config.mlp_tile_tokens)
+    if config.tiled_tokenwise:
+        tile_tokenwise(model, blocks, config.tile_tokens)
     blocks = checkpoint_blocks(model, blocks, config.activation_checkpointing)
     reenter_rewrite_on_recompute(blocks)  # activation checkpointing recomputes inside the rewrite
     if config.fsdp:
@@ -200,7 +201,7 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
 
 
 def check_memory_options(config: UlyssesConfig) -> None:
-    """The memory options (head_chunks, tiled_mlp) are valid and combine (before any collective)."""
+    """The memory options (head_chunks, tiled_tokenwise) are valid and combine (before any collective)."""
     if isinstance(config.head_chunks, bool) or not isinstance(config.head_chunks, int) or config.head_chunks < 1:
         raise ValueError(f"UlyssesConfig(head_chunks={config.head_chunks!r}): an integer >= 1")
     if config.head_chunks > 1 and config.activation_checkpointing == "selective":
@@ -208,10 +209,11 @@ def check_memory_options(config: UlyssesConfig) -> None:
             f"UlyssesConfig(head_chunks={config.head_chunks}) with activation_checkpointing='selective': selective "
             "keeps the head layout that head chunking is there to drop; use 'full' or 'offload'"
         )
-    if not isinstance(config.tiled_mlp, bool):
-        raise ValueError(f"UlyssesConfig(tiled_mlp={config.tiled_mlp!r}): True or False")
-    if config.mlp_tile_tokens is not None and (not isinstance(config.mlp_tile_tokens, int) or config.mlp_tile_tokens < 1):
-        raise ValueError(f"UlyssesConfig(mlp_tile_tokens={config.mlp_tile_tokens!r}): an integer >= 1 or None")
+    if not isinstance(config.tiled_tokenwise, bool):
+        raise ValueError(f"UlyssesConfig(tiled_tokenwise={config.tiled_tokenwise!r}): True or False")
+    if config.tile_tokens is not None and (
+            isinstance(config.tile_tokens, bool) or not isinstance(config.tile_tokens, int) or config.tile_tokens < 1):
+        raise ValueError(f"UlyssesConfig(tile_tokens={config.tile_tokens!r}): an integer >= 1 or None")
 
 
 def _install_attention(model: nn.Module, propagate: bool) -> None:

@@ -1,4 +1,4 @@
-"""Tiled MLP: a token-wise sublayer computed in sequence tiles, recomputed tile by tile in backward.
+"""Tiled token-wise sublayers (MLPs, norms): computed in sequence tiles, recomputed tile by tile in backward.
 
 A transformer MLP maps each token on its own, but autograd keeps its whole (B, N/P, ffn)
 intermediate (the gate and up projections, the activation, their product: ~4·ffn values per
@@ -9,16 +9,23 @@ So at most one tile's intermediate ever exists, in forward and in backward, for 
 forward of compute. The parameters' gradients are summed over the tiles and returned through
 the function's inputs (so FSDP2's unsharded parameters receive them as from any other op).
 
-``UlyssesConfig(tiled_mlp=True)`` applies it to every block's MLP (:func:`tile_mlps`). Only
-modules that are token-wise by construction are accepted: their leaves are ``nn.Linear``,
-activations and ``Identity``; dropout would draw other masks in the recompute and is refused.
-On the propagation path the MLP runs on this rank's local tokens (``tokenwise.run_on_local_tokens``).
+Norms are token-wise too, and their fp32 math keeps ~2.5 fp32 copies of their input for
+backward (an RMSNorm of a bf16 model: 5× the input's bytes): tiled, a norm keeps only its input.
+
+``UlyssesConfig(tiled_tokenwise=True)`` applies it to every block's MLP and to every norm of the
+model (:func:`tile_tokenwise`). Only modules token-wise by construction are accepted: MLPs whose
+leaves are ``nn.Linear``, activations and ``Identity`` (dropout would draw other masks in the
+recompute and is refused), and norms over the last dimension (``nn.LayerNorm``, ``nn.RMSNorm``
+and classes named ``*RMSNorm``/``*LayerNorm``, Hugging Face's convention). A call on anything
+but one (B, T, C) tensor runs the module unchanged (a norm of q or k heads, say). On the
+propagation path the module runs on this rank's local tokens (``tokenwise.run_on_local_tokens``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from .tokenwise import is_moe_block, run_on_local_tokens
 
@@ -80,6 +87,12 @@ def _is_tokenwise(module: nn.Module) -> bool:
     return True
 
 
+def is_norm(module: nn.Module) -> bool:
+    """A normalization over the last dimension (token-wise)."""
+    name = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("RMSNorm", "LayerNorm"))
+
+
 def find_mlps(blocks: list[nn.Module]) -> list[nn.Module]:
     """The MLP child of each block (named one of :data:`MLP_NAMES`), token-wise by construction."""
     found = []
@@ -93,32 +106,33 @@ def find_mlps(blocks: list[nn.Module]) -> list[nn.Module]:
                 if not _is_tokenwise(child):
                     leaves = sorted({type(m).__name__ for m in child.modules() if not list(m.children())})
                     raise ValueError(
-                        f"tiled_mlp: {type(inner).__name__}.{name} ({type(child).__name__}) is not token-wise by "
+                        f"tiled_tokenwise: {type(inner).__name__}.{name} ({type(child).__name__}) is not token-wise by "
                         f"construction (its leaf modules: {', '.join(leaves)}; only Linear, activations, Identity "
-                        "and dropout with p=0 are accepted): leave tiled_mlp=False for this model"
+                        "and dropout with p=0 are accepted): leave tiled_tokenwise=False for this model"
                     )
                 found.append(child)
                 break
     return found
 
 
-def tile_mlps(blocks: list[nn.Module], tile_tokens: int | None = None) -> int:
-    """Run each block's MLP in tiles (:func:`tiled_forward`); ``tile_tokens`` default: the
-    model width (the intermediate of a tile is then ~ffn/C times the size of a hidden state of
-    C tokens, as in DeepSpeed ALST's TiledMLP). Returns the number of MLPs tiled."""
-    if tile_tokens is not None and tile_tokens < 1:
-        raise ValueError(f"mlp_tile_tokens must be >= 1, got {tile_tokens}")
+def tile_tokenwise(model: nn.Module, blocks: list[nn.Module], tile_tokens: int | None = None) -> int:
+    """Run each block's MLP and every norm of ``model`` in tiles (:func:`tiled_forward`);
+    ``tile_tokens`` default: the model width (a tile's MLP intermediate is then ~ffn/C times a
+    hidden state of C tokens, as DeepSpeed ALST's TiledMLP picks). Returns the modules tiled."""
+    if tile_tokens is not None and (isinstance(tile_tokens, bool) or not isinstance(tile_tokens, int) or tile_tokens < 1):
+        raise ValueError(f"UlyssesConfig(tile_tokens={tile_tokens!r}): an integer >= 1 or None")
     mlps = find_mlps(blocks)
     if not mlps:
-        raise ValueError(f"tiled_mlp: no block has an MLP child named one of {MLP_NAMES}")
-    for mlp in mlps:
-        original = mlp.forward
+        raise ValueError(f"tiled_tokenwise: no block has an MLP child named one of {MLP_NAMES}")
+    modules = mlps + [m for m in model.modules() if is_norm(m) and not list(m.children())]
+    for module in modules:
+        original = module.forward
 
-        def body(x, *args, _mlp=mlp, _original=original, **kwargs):
-            if args or kwargs or not isinstance(x, Tensor) or x.dim() != 3:
+        def body(x, *args, _module=module, _original=original, **kwargs):
+            if args or kwargs or not isinstance(x, Tensor) or isinstance(x, DTensor) or x.dim() != 3:
                 return _original(x, *args, **kwargs)
-            return tiled_forward(_mlp, _original, x, tile_tokens or x.shape[-1])
+            return tiled_forward(_module, _original, x, tile_tokens or x.shape[-1])
 
-        mlp.forward = body
-        run_on_local_tokens(mlp)
-    return len(mlps)
+        module.forward = body
+        run_on_local_tokens(module, strict=False)
+    return len(modules)

@@ -29,15 +29,18 @@ def is_moe_block(module: nn.Module) -> bool:
     return isinstance(getattr(module, "gate", None), nn.Module) and isinstance(getattr(module, "experts", None), nn.Module)
 
 
-def run_on_local_tokens(module: nn.Module) -> None:
+def run_on_local_tokens(module: nn.Module, strict: bool = True) -> None:
     """Make ``module.forward`` take ``Shard(1)`` (B, N, C) DTensors, run on the local tokens and
-    return ``Shard(1)``; plain inputs (the local-tensor path, one process) run unchanged."""
+    return ``Shard(1)``; plain inputs (the local-tensor path, one process) run unchanged. Other
+    DTensors raise (``strict``) or run the forward as it is on them."""
     original = module.forward
 
     def forward_on_local_tokens(hidden_states, *args, **kwargs):
         if not isinstance(hidden_states, DTensor):
             return original(hidden_states, *args, **kwargs)
         if hidden_states.placements != (Shard(1),) or hidden_states.dim() != 3:
+            if not strict:
+                return original(hidden_states, *args, **kwargs)
             raise ValueError(
                 f"{type(module).__name__} got hidden states placed {hidden_states.placements} with shape "
                 f"{tuple(hidden_states.shape)}; a token-wise MoE block needs (B, N, C) sharded on the sequence"
