@@ -214,7 +214,7 @@ def _storage(t: torch.Tensor):
 
 
 def _measure(ctx, flavor: str, seq_len: int, batch: int, dtype: str, track_peak: bool, ac: str = "none",
-             overrides: dict | None = None, propagation: bool | None = None):
+             overrides: dict | None = None, propagation: bool | None = None, options: dict | None = None):
     """On each sp rank: saved-for-backward bytes of one forward, FSDP state bytes after a step,
     bytes sent in that step (total, all-to-all) and optionally the peak tracked by
     FSDPMemTracker over a training step."""
@@ -224,7 +224,8 @@ def _measure(ctx, flavor: str, seq_len: int, batch: int, dtype: str, track_peak:
     torch.manual_seed(0)
     model = Llama(llama_config(flavor, vocab_size=TASK_VOCAB, max_seq_len=seq_len, **(overrides or {})))
     model = model.to(getattr(torch, dtype))
-    parallelize_module(model, ctx.mesh("sp"), UlyssesConfig(activation_checkpointing=ac, propagation=propagation))
+    parallelize_module(model, ctx.mesh("sp"), UlyssesConfig(activation_checkpointing=ac, propagation=propagation,
+                                                          **(options or {})))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
     tokens, targets = (torch.randint(0, TASK_VOCAB, (batch, seq_len), generator=gen) for _ in range(2))
@@ -382,3 +383,24 @@ def test_chunked_loss_saved_bytes_and_peak(ranks4):
     for _, _, peak, _, _ in tracked:
         assert peak <= e.peak <= 1.2 * peak, (peak, e.peak)
         assert e.peak < full.peak
+
+
+@pytest.mark.parametrize("ac,tiled,chunks", [("offload", True, 4), ("full", True, 2), ("offload", False, 1),
+                                             ("full", False, 4)])
+def test_memory_stack_modes_bytes_and_peak(ranks4, ac, tiled, chunks):
+    """The planner's memory-stack modes are UlyssesConfig's: counted bytes equal the prediction
+    (head chunks re-send q/k/v in backward; offload with chunks replays the attention outputs),
+    and the predicted peak bounds the tracked one. On this CPU machine "host" memory is the same
+    memory, so the tracker sees the offloaded block inputs too: compared with peak + host."""
+    pytest.importorskip("torch.distributed._tools.fsdp2_mem_tracker")
+    flavor, seq_len = "small", 2048
+    options = dict(tiled_tokenwise=tiled, head_chunks=chunks)
+    results = ranks4.run(_measure, flavor, seq_len, 1, "float32", True, ac, {"chunked_loss": True}, None, options,
+                         world=2)
+    cfg = llama_config(flavor, vocab_size=TASK_VOCAB)
+    e = estimate(cfg, seq_len, 1, 2, ac=ac, precision="float32", loss="chunked", tiled=tiled, head_chunks=chunks)
+    for rank, (_, _, peak, sent, a2a) in enumerate(results):
+        assert a2a == e.all_to_all_per_sp_rank[rank] and sent == e.sent_per_sp_rank[rank], (rank, a2a, sent)
+        predicted = e.peak + e.host_bytes
+        # measured: 1.13 (offload, tiled, 4 chunks), 1.09 (full, tiled, 2), 1.13 (offload), 1.10 (full, 4)
+        assert peak <= predicted <= 1.15 * peak, (peak, e.peak, e.host_bytes, predicted / peak)

@@ -41,10 +41,12 @@ Tensor = torch.Tensor
 
 
 def chunk_head_ranges(q_ranges: tuple[HeadRange, ...], chunks: int) -> list[tuple[HeadRange, ...]]:
-    """Each rank's query heads cut into ``chunks`` consecutive pieces of ``ceil(H_max / chunks)``
-    heads (``H_max``: the most heads a rank holds); a rank's later pieces may be empty."""
-    most = max(stop - start for start, stop in q_ranges)
+    """Each rank's query heads cut into consecutive pieces of ``ceil(H_max / chunks)`` heads
+    (``H_max``: the most heads a rank holds): ``min(chunks, H_max)`` pieces, a rank's later ones
+    possibly empty (``H % P != 0``)."""
+    most = max(max(stop - start for start, stop in q_ranges), 1)
     size = -(-most // chunks)
+    chunks = -(-most // size)
     return [
         tuple((min(start + j * size, stop), min(start + (j + 1) * size, stop)) for start, stop in q_ranges)
         for j in range(chunks)
@@ -143,6 +145,8 @@ def _chunked_forward(plans: _ChunkPlans, attend: Callable, q: Tensor, k: Tensor,
             out_c = attend(q_c, k_h, v_h, plans.chunk_layout(j))
             seq_c, _ = plans.to_seq(j, out_c)
             del out_c, q_c
+            if len(plans.q_chunks) == 1:
+                return seq_c  # one chunk holds every head, in order
             if out is None:
                 out = seq_c.new_empty(q.shape[0], plans.layout.num_heads, q.shape[2], seq_c.shape[-1])
             out.index_copy_(1, plans.global_heads(j, q.device), seq_c)
@@ -152,7 +156,7 @@ def _chunked_forward(plans: _ChunkPlans, attend: Callable, q: Tensor, k: Tensor,
 def _chunked_backward(plans: _ChunkPlans, attend: Callable, q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor):
     grad_out = grad_out.contiguous()
     chunks = len(plans.q_chunks)
-    dq = torch.zeros_like(q)
+    dq = torch.zeros_like(q) if chunks > 1 else None
     k_h = v_h = dk_h = dv_h = None
     dk = dv = None
     with _profiled("ulysses_dtensor::head_chunked_attention_backward"):
@@ -162,23 +166,32 @@ def _chunked_backward(plans: _ChunkPlans, attend: Callable, q: Tensor, k: Tensor
             q_c, dout_c = received[0], received[1]
             if first:
                 k_h, v_h = received[2].requires_grad_(), received[3].requires_grad_()
-                dk_h, dv_h = torch.zeros_like(k_h), torch.zeros_like(v_h)
             q_c.requires_grad_()
             with torch.enable_grad():
                 out_c = attend(q_c, k_h, v_h, plans.chunk_layout(j))
                 dq_c, dk_c, dv_c = torch.autograd.grad(out_c, (q_c, k_h, v_h), dout_c, allow_unused=True)
-            if dk_c is not None:
-                dk_h += dk_c
-            if dv_c is not None:
-                dv_h += dv_c
+            # the first chunk's dk/dv are the accumulators (no zero-filled copies)
+            dk_h = _accumulate(dk_h, dk_c, k_h)
+            dv_h = _accumulate(dv_h, dv_c, v_h)
             if dq_c is None:
                 dq_c = torch.zeros_like(q_c)
             del out_c, q_c, dout_c
             seq_c, kv = plans.to_seq(j, dq_c, with_kv=(dk_h, dv_h) if last else ())
-            dq.index_copy_(1, plans.global_heads(j, q.device), seq_c)
+            if dq is None:
+                dq = seq_c
+            else:
+                dq.index_copy_(1, plans.global_heads(j, q.device), seq_c)
             if last:
                 dk, dv = kv
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _accumulate(total: Tensor | None, grad: Tensor | None, like: Tensor) -> Tensor | None:
+    if grad is None:
+        return total if total is not None else torch.zeros_like(like)
+    if total is None:
+        return grad
+    return total.add_(grad)
 
 
 def head_chunked_attention(

@@ -117,8 +117,8 @@ class _OffloadedBlock(torch.autograd.Function):
         ctx.copies = [_HostCopy(t) for t in inputs[:n]]
         ctx.save_for_backward(*inputs[n:])  # parameters: held by the model anyway
         ctx.stash = _AttentionOutputs()
-        with _stashing(ctx.stash):
-            outputs = call.run(inputs[:n])
+        with _stashing(ctx.stash):  # detached: no graph is recorded (and hooks see no grad inputs)
+            outputs = call.run([t.detach() for t in inputs[:n]])
         return tuple(outputs)
 
     @staticmethod

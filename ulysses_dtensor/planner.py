@@ -50,7 +50,7 @@ from .loss import default_chunk_tokens
 from .ring import SCORE_CHUNK_ELEMENTS
 
 GIB = 2**30
-AC_MODES = ("none", "selective", "full")
+AC_MODES = ("none", "selective", "full", "offload")
 LOSS_MODES = ("full", "chunked")
 
 
@@ -219,26 +219,40 @@ def ring_workspace_bytes(cfg: LlamaConfig, r: _RankShape, ring: int, a: int) -> 
     return 4 * kv_block + 7 * min(SCORE_CHUNK_ELEMENTS, r.q_heads * r.head_tokens * r.head_tokens) * 4
 
 
-def layer_activation_bytes(cfg: LlamaConfig, r: _RankShape, sp: int, a: int) -> dict[str, int]:
-    """Bytes one transformer block keeps for backward on one rank (no checkpointing), by part."""
+def layer_activation_bytes(cfg: LlamaConfig, r: _RankShape, sp: int, a: int, tiled: bool = False,
+                           head_chunks: int = 1) -> dict[str, int]:
+    """Bytes one transformer block keeps for backward on one rank (no checkpointing), by part.
+
+    ``tiled`` (``UlyssesConfig(tiled_tokenwise=True)``): a norm keeps its input and its output,
+    the MLP nothing of its own (its input is the norm's output). ``head_chunks > 1``: the
+    attention keeps the sequence-layout q, k, v instead of the head layout."""
     d, hd, t = cfg.dim, cfg.head_dim, r.tokens
+    if head_chunks > 1:
+        heads = {"attention_heads": 0, "attention_qkv": t * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd * a}
+    else:
+        heads = {"attention_heads": r.head_tokens * ((2 * r.q_heads + 2 * r.kv_kernel_heads) * hd * a + r.q_heads * 4)}
     return {
-        "norms": 2 * _norm_bytes(t, d, a),  # attention_norm (its input: the block input), ffn_norm
+        # attention_norm (its input: the block input), ffn_norm
+        "norms": 2 * (2 * t * d * a if tiled else _norm_bytes(t, d, a)),
         # RoPE rotates in fp32: with a non-fp32 model the (cos, sin) table of this rank's positions
         # is upcast per call and saved, for q and for k
         "rope": 0 if a == 4 else 2 * r.positions * hd * 4,
         # head layout: q, k, v and the output of this rank's heads over all tokens, fp32 logsumexp
-        "attention_heads": r.head_tokens * ((2 * r.q_heads + 2 * r.kv_kernel_heads) * hd * a + r.q_heads * 4),
+        # (head-chunked: the sequence-layout q, k, v instead)
+        **heads,
         # sequence layout: the attention output after the exchange back (wo's input); with sp = 1
         # it is a view of the kernel's output
         "attention_seq": t * cfg.n_heads * hd * a if sp > 1 else 0,
-        "mlp": t * 4 * cfg.hidden_dim * a,  # w1 and w3 outputs, silu(w1), their product
+        "mlp": 0 if tiled else t * 4 * cfg.hidden_dim * a,  # w1 and w3 outputs, silu(w1), their product
     }
 
 
 def _kept_per_layer(parts: dict[str, int], ac: str, tokens: int, d: int, a: int) -> int:
+    """Device bytes a block keeps from its forward to its backward."""
     if ac == "none":
         return sum(parts.values())
+    if ac == "offload":
+        return 0  # the block input (and, head-chunked, the attention output) in host memory
     checkpoint_input = tokens * d * a  # the checkpointed block's input
     if ac == "full":
         return checkpoint_input
@@ -246,6 +260,36 @@ def _kept_per_layer(parts: dict[str, int], ac: str, tokens: int, d: int, a: int)
     # recompute norms, projections and the MLP
     return checkpoint_input + parts["attention_heads"] + parts["attention_seq"]
 
+
+def host_bytes_per_layer(cfg: LlamaConfig, r: _RankShape, ac: str, head_chunks: int, a: int) -> int:
+    """Host-memory bytes one block keeps with ``ac="offload"``: its input, and with head chunks
+    the attention outputs the recompute replays."""
+    if ac != "offload":
+        return 0
+    return r.tokens * cfg.dim * a + (r.tokens * cfg.n_heads * cfg.head_dim * a if head_chunks > 1 else 0)
+
+
+def head_chunked_workspace_bytes(cfg: LlamaConfig, r: _RankShape, chunks: int, a: int) -> int:
+    """Transient bytes of one head-chunked attention backward on one rank: held throughout, the
+    received k, v and (with several chunks) the sequence-layout dq being assembled; then the
+    larger of one chunk's exchange (receive buffer and the tensors unpacked from it, chunk 0
+    carrying k and v) and one chunk's kernel recompute and backward (``ceil(heads / chunks)``
+    query heads over all tokens: q, dO, output, dq, the kernel's fp32 dq accumulator,
+    logsumexp and delta; dk/dv, which the later chunks add to)."""
+    hd, n = cfg.head_dim, r.head_tokens
+    h_c = -(-max(r.q_heads, 1) // chunks)
+    several = -(-max(r.q_heads, 1) // h_c) > 1
+    kv = n * r.kv_heads * hd * a
+    held = 2 * kv + (r.tokens * cfg.n_heads * hd * a if several else 0)
+    exchange = 2 * n * (2 * h_c * hd * a) + 2 * 2 * kv
+    kernel = n * h_c * hd * a * 4 + n * h_c * (hd * 4 + 8) + 2 * kv
+    return held + max(exchange, kernel)
+
+
+def tile_workspace_bytes(cfg: LlamaConfig, tile_tokens: int, a: int) -> int:
+    """Transient bytes of one tiled MLP backward: one tile's recomputed intermediates and their
+    gradients (~7 ffn-wide values per token), and the MLP weights' gradient sums over tiles."""
+    return tile_tokens * 7 * cfg.hidden_dim * a + 2 * 3 * cfg.dim * cfg.hidden_dim * a
 
 def attention_workspace_bytes(cfg: LlamaConfig, r: _RankShape, a: int) -> int:
     """Transient bytes of one attention backward on one rank (flash-style kernel, no N² buffer):
@@ -282,6 +326,9 @@ class Estimate:
     sent_per_sp_rank: list[int]  # total bytes sent per step, indexed by sp rank
     all_to_all_per_sp_rank: list[int]
     saved_for_backward_per_sp_rank: list[int]  # activations + log-probs kept after the forward
+    tiled: bool = False  # UlyssesConfig(tiled_tokenwise=True)
+    head_chunks: int = 1
+    host_bytes: int = 0  # host memory per GPU (activation offload), the largest rank's
 
     @property
     def peak(self) -> int:
@@ -293,9 +340,12 @@ class Estimate:
 
 def estimate(
     cfg: LlamaConfig, seq_len: int, dp: int, sp: int, *, ac: str = "full", precision: str | Precision = "bf16",
-    batch: int = 1, model: str = "", loss: str = "full",
+    batch: int = 1, model: str = "", loss: str = "full", tiled: bool = False, head_chunks: int = 1,
 ) -> Estimate:
     """Memory and communication per GPU of one training step on a (dp, sp) mesh.
+
+    ``tiled``, ``head_chunks`` and ``ac="offload"`` are :class:`UlyssesConfig`'s
+    ``tiled_tokenwise``, ``head_chunks`` and ``activation_checkpointing="offload"``.
 
     ``batch`` sequences of ``seq_len`` tokens per data-parallel replica (each split over sp GPUs).
     ``loss``: "full" (the logits of every token, as ``F.cross_entropy`` needs them) or "chunked"
@@ -310,6 +360,8 @@ def estimate(
         raise ValueError(f"dp, sp and batch must be >= 1, got dp={dp}, sp={sp}, batch={batch}")
     if cfg.n_heads % cfg.n_kv_heads:
         raise ValueError(f"n_heads={cfg.n_heads} must be a multiple of n_kv_heads={cfg.n_kv_heads}")
+    if head_chunks < 1:
+        raise ValueError(f"head_chunks must be >= 1, got {head_chunks}")
     world, a, d, L, V = dp * sp, p.compute, cfg.dim, cfg.n_layers, cfg.vocab_size
 
     # model state (sharded) and the FSDP units gathered in full
@@ -320,18 +372,42 @@ def estimate(
     blocks_gathered = 2 * block_full * a  # the block being computed and the one prefetched
 
     ring = choose_ring_degree(sp, cfg.n_heads)  # what parallelize_module picks
+    if ring > 1 or sp == 1:
+        head_chunks = 1  # parallelize_module refuses chunks with the ring; one rank has no exchange
+    if head_chunks > 1 and ac == "selective":
+        raise ValueError("head_chunks > 1 with selective checkpointing: parallelize_module refuses it")
+    layout = UlyssesLayout.build(batch, cfg.n_heads, cfg.n_kv_heads, seq_len, cfg.head_dim, sp)
     best, ranks = None, []
     for i, r in enumerate(_rank_shapes(cfg, seq_len, sp, batch, ring)):
-        parts = layer_activation_bytes(cfg, r, sp, a)
+        parts = layer_activation_bytes(cfg, r, sp, a, tiled, head_chunks)
         kept = _kept_per_layer(parts, ac, r.tokens, d, a)
         remat = 0 if ac == "none" else sum(parts.values()) - kept + r.tokens * d * a
+        if ac == "offload":
+            remat = sum(parts.values())  # the restored input is the one the first norm keeps
+        host = L * host_bytes_per_layer(cfg, r, ac, head_chunks, a)
         # token ids and targets (int64; with batch 1 the rank's slice is a view keeping the replica's
         # whole sequence alive; the chunked loss keeps its own copy of the targets, counted below)
         # and the final norm
         ids = 8 * (batch * seq_len if batch == 1 else r.tokens)
-        outer = (1 if loss == "chunked" else 2) * ids + _norm_bytes(r.tokens, d, a)
+        final_norm = 2 * r.tokens * d * a if tiled else _norm_bytes(r.tokens, d, a)
+        outer = (1 if loss == "chunked" else 2) * ids + final_norm
         activations = L * kept + outer
-        workspace = attention_workspace_bytes(cfg, r, a) + ring_workspace_bytes(cfg, r, ring, a)
+        if head_chunks > 1:
+            workspace = head_chunked_workspace_bytes(cfg, r, head_chunks, a)
+        else:
+            workspace = attention_workspace_bytes(cfg, r, a) + ring_workspace_bytes(cfg, r, ring, a)
+        block_work = remat + workspace
+        if (tiled or head_chunks > 1) and ac != "none":
+            # the recomputed block's backward in its two phases: the MLP's (the whole layer held,
+            # the output's gradient, one tile) and then the attention's (the MLP half and wo's
+            # input freed; the gradients of the residual and of the attention output held), after
+            # the final norm's and the loss's backward freed what they kept (counted in outer)
+            t_d = r.tokens * d * a
+            mlp_half = parts["norms"] // 2 + parts["mlp"] + parts["attention_seq"]
+            mlp_work = tile_workspace_bytes(cfg, min(d, r.tokens), a) if tiled else r.tokens * 2 * cfg.hidden_dim * a
+            shared = t_d if ac == "full" and tiled else 0  # the first norm keeps the kept block input
+            block_work = max(remat - shared + t_d + mlp_work, remat - shared - mlp_half + 2 * t_d + workspace)
+            block_work -= final_norm
         # the two candidate peaks of a step, on top of what is held throughout
         if loss == "chunked":
             # kept: one fp32 log-sum-exp, an int64 target and a bool per token; backward: one
@@ -343,7 +419,7 @@ def estimate(
         else:
             log_probs, held_logits = r.tokens * V * 4, r.tokens * V * a
             loss_moment = log_probs + r.tokens * V * 8 + out_grad + blocks_gathered  # + fp32 grads of log-probs, logits
-        block_moment = out_grad + blocks_gathered + block_full * (a + p.reduce) + remat + workspace
+        block_moment = out_grad + blocks_gathered + block_full * (a + p.reduce) + block_work
         memory = {
             "parameters": shard * p.master,
             "gradients": shard * p.grad,
@@ -366,10 +442,15 @@ def estimate(
             "fsdp_blocks_gathered": blocks_gathered,
             "model_state": shard * (p.master + p.grad + p.optim),
             "params_shard": shard,
+            "host_offload": host,
         }
         fwd, bwd = hybrid_elements_sent(batch, cfg.n_heads, cfg.n_kv_heads, seq_len, cfg.head_dim, sp, ring, i)
+        if head_chunks > 1:  # the backward receives q, k, v again
+            bwd = layout.head_chunked_backward_elements_sent(i)
         a2a_fwd, a2a_bwd = L * a * fwd, L * a * bwd
-        a2a_recompute = a2a_fwd if ac == "full" else 0
+        # a recomputed forward exchanges again, except offload with head chunks (outputs replayed)
+        recomputes = ac == "full" or (ac == "offload" and head_chunks == 1)
+        a2a_recompute = a2a_fwd if recomputes else 0
         # every rank's collectives move rank 0's (padded) shard size
         gather = 2 * shard * p.gather * (world - 1)  # forward, and backward after reshard_after_forward
         reduce = shard * p.reduce * (world - 1)
@@ -383,7 +464,7 @@ def estimate(
             "loss_all_reduce": loss_reduce,
         }
         comm["total"] = sum(comm.values())
-        ranks.append((memory, detail, comm, activations + log_probs))
+        ranks.append((memory, detail, comm, activations + log_probs, host))
         if best is None or memory["total"] > best[0]["total"]:
             best = (memory, detail)
     comm_max = {k: max(c[2][k] for c in ranks) for k in ranks[0][2]}
@@ -393,6 +474,7 @@ def estimate(
         sent_per_sp_rank=[c[2]["total"] for c in ranks],
         all_to_all_per_sp_rank=[sum(v for k, v in c[2].items() if k.startswith("all_to_all")) for c in ranks],
         saved_for_backward_per_sp_rank=[c[3] for c in ranks],
+        tiled=tiled, head_chunks=head_chunks, host_bytes=max(c[4] for c in ranks),
     )
 
 

@@ -38,6 +38,7 @@ class _TiledTokenwise(torch.autograd.Function):
     def forward(ctx, fn, tile_tokens: int, x: Tensor, *params: Tensor) -> Tensor:
         ctx.fn, ctx.tile_tokens = fn, tile_tokens
         ctx.save_for_backward(x, *params)
+        x = x.detach()  # no graph is recorded here (and module hooks see no inputs needing grad)
         return torch.cat([fn(x[:, s : s + tile_tokens]) for s in range(0, x.shape[1], tile_tokens)], dim=1)
 
     @staticmethod
