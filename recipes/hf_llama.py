@@ -49,6 +49,11 @@ class Options:
     lr: float = 1e-3
     dtype: str = "float32"
     seed: int = 0
+    # the memory stack (docs/parallelize.md): "auto" asks the planner for the cheapest options
+    # whose step fits --memory-cap-gib (default: the GPU's memory less 2 GiB; on CPU no cap, so
+    # none); "on" always (offload, tiled MLPs and norms, one head at a time); "off" never
+    memory_stack: str = "auto"
+    memory_cap_gib: float = 0.0
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
@@ -61,6 +66,14 @@ def parse_options(argv: list[str] | None = None) -> Options:
         flag = "--" + name.replace("_", "-")
         if name == "dtype":
             parser.add_argument(flag, choices=sorted(DTYPES), default=value, help=f"model dtype (default {value})")
+        elif name == "memory_stack":
+            parser.add_argument(flag, choices=("auto", "on", "off"), default=value, help=(
+                "long-sequence memory options: auto (the cheapest that fits --memory-cap-gib, by "
+                "ulysses-dtensor plan's estimate), on (activation offload, tiled MLPs and norms, head chunks), "
+                f"off (default {value})"))
+        elif name == "memory_cap_gib":
+            parser.add_argument(flag, type=float, default=value,
+                                help="per-device memory the step must fit (0: the GPU's memory less 2 GiB; no cap on CPU)")
         else:
             parser.add_argument(flag, type=type(value), default=value, help=f"(default {value})")
     return Options(**vars(parser.parse_args(argv)))
@@ -82,6 +95,28 @@ def build_model(opts: Options) -> torch.nn.Module:
     )
     torch.manual_seed(opts.seed)
     return LlamaForCausalLM(config).to(DTYPES[opts.dtype])
+
+
+def memory_config(opts: Options, sp: int) -> U.UlyssesConfig:
+    """``UlyssesConfig`` with the memory stack ``--memory-stack`` asks for (the planner's Llama
+    model of this HF config decides "auto")."""
+    from ulysses_dtensor.llama import LlamaConfig
+    from ulysses_dtensor.planner import MemoryStack, choose_stack, device_memory_cap, memory_stacks
+
+    shape = LlamaConfig(vocab_size=opts.vocab, dim=opts.dim, n_layers=opts.layers, n_heads=opts.heads,
+                        n_kv_heads=opts.kv_heads, ffn_dim=4 * opts.dim)
+    stacks = memory_stacks(shape)
+    if opts.memory_stack == "on":
+        stack = stacks[-1]
+    elif opts.memory_stack == "off":
+        stack = MemoryStack("none")
+    else:
+        precision = "bf16" if opts.dtype == "bfloat16" else "float32"
+        stack, _ = choose_stack(shape, opts.seq_len, opts.dp, sp, stacks,
+                                device_memory_cap(opts.memory_cap_gib), precision=precision,
+                                batch=max(1, opts.batch // opts.dp))
+    return U.UlyssesConfig(activation_checkpointing=stack.ac, tiled_tokenwise=stack.tiled,
+                           head_chunks=stack.chunks_at(-(-opts.heads // sp)))
 
 
 def synthetic_batches(opts: Options) -> list[torch.Tensor]:
@@ -114,7 +149,7 @@ def train(opts: Options, mesh=None, log: Callable[[str], None] | None = print) -
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(opts).to(device)
     if mesh is not None:
-        model = U.parallelize_module(model, mesh)
+        model = U.parallelize_module(model, mesh, memory_config(opts, mesh["sp"].size()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr)
     losses = []
     for step, batch in enumerate(synthetic_batches(opts), start=1):

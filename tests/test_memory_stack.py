@@ -183,6 +183,8 @@ def _rank_refusals(ctx):
 def test_memory_stack_refusals(ranks4):
     for messages in ranks4.run(_rank_refusals, world=2):
         assert len(messages) == 5, messages
-        assert "head_chunks=0" in messages[0] and "selective" in messages[1]
-        assert "tiled_tokenwise='yes'" in messages[2] and "tile_tokens=0" in messages[3]
-        assert "not token-wise" in messages[4] and "Dropout" in messages[4]
+        assert "head_chunks=0" in messages[0] and "an integer >= 1" in messages[0]
+        assert "keeps the head layout that head chunking is there to drop" in messages[1]
+        assert "tiled_tokenwise='yes'" in messages[2]
+        assert "tile_tokens=0" in messages[3] and "an integer >= 1 or None" in messages[3]
+        assert "is not token-wise by construction" in messages[4] and "Dropout" in messages[4]

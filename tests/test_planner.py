@@ -22,7 +22,8 @@ from ulysses_dtensor.cli import main
 from ulysses_dtensor.layout import UlyssesLayout
 from ulysses_dtensor.llama import FLAVORS, Llama, llama_config
 from ulysses_dtensor.planner import (
-    GIB, PlanError, estimate, format_plan, fsdp_units, longest_sequence, parse_length, parse_model, plan, shard_numel,
+    GIB, MemoryStack, PlanError, estimate, format_plan, fsdp_units, longest_sequence, memory_stacks, parse_length,
+    parse_model, plan, shard_numel,
 )
 
 TASK_VOCAB = 608  # RetrievalTask().vocab_size: the vocabulary of the train job's model
@@ -119,24 +120,52 @@ def test_fsdp_bytes_and_activation_checkpointing():
 
 
 def test_plan_picks_the_smallest_sp_that_fits_and_the_longest_sequence():
-    p = plan("llama3-8b", "1M", 32, 80, loss="full")
+    old = dict(ac="full", tiled=False, head_chunks=1)  # the stack before the memory options
+    p = plan("llama3-8b", "1M", 32, 80, loss="full", **old)
     assert (p.chosen.dp, p.chosen.sp) == (1, 32) and p.chosen.fits(p.budget)
     assert all(not c.fits(p.budget) for c in p.candidates if c.sp < 32)
-    chunked = plan("llama3-8b", "1M", 32, 80)  # the default: no logits held, so a smaller sp fits
+    chunked = plan("llama3-8b", "1M", 32, 80, **old)  # the default loss: no logits held, so a smaller sp fits
     assert chunked.chosen.loss == "chunked" and chunked.chosen.sp < 32 and chunked.chosen.fits(chunked.budget)
     assert all(not c.fits(chunked.budget) for c in chunked.candidates if c.sp < chunked.chosen.sp)
-    p8 = plan("llama3-8b", "128K", 8, 80, ac="full", loss="full")
+    p8 = plan("llama3-8b", "128K", 8, 80, loss="full", **old)
     assert p8.chosen.sp == 8
     kw = dict(ac="full", precision="bf16", batch=1)
     n = p8.longest_seq_len
     assert estimate(FLAVORS["8b"], n, 1, 8, **kw).fits(p8.budget)
     assert not estimate(FLAVORS["8b"], n + 8, 1, 8, **kw).fits(p8.budget)
     assert longest_sequence(FLAVORS["8b"], 1, 8, p8.budget, **kw) == n
-    small = plan("llama3-8b", "8K", 8, 80, ac="full")  # short: no sequence parallelism needed
+    small = plan("llama3-8b", "8K", 8, 80, **old)  # short: no sequence parallelism needed
     assert (small.chosen.dp, small.chosen.sp) == (8, 1)
-    assert plan("llama3-8b", "128K", 8, 80, sp=8).longest_seq_len > 3 * n  # chunked loss: 824K vs 237K
+    assert plan("llama3-8b", "128K", 8, 80, sp=8, **old).longest_seq_len > 3 * n  # chunked loss: 824K vs 237K
     pinned = plan("llama3-8b", "128K", 8, 80, dp=1)
     assert (pinned.chosen.dp, pinned.chosen.sp) == (1, 8)
+
+
+def test_plan_chooses_the_memory_stack():
+    """Unpinned, plan takes the cheapest stack that fits the requested length and reports the
+    longest sequence with the stack that fits the most: issue 16's targets (ALST: 3.7M tokens
+    on 8 H100, 15M on 32; UPipe 5M on 8)."""
+    p = plan("llama3-8b", "128K", 8, 80)
+    longest, sp = p.longest_overall
+    assert sp == 8 and longest >= 5 * 2**20, longest  # 6.35M
+    assert p.longest_stack[8] == MemoryStack("offload", True, 32)
+    assert plan("llama3-8b", "128K", 32, 80).longest_overall[0] >= 16 * 2**20  # 17.7M
+    # the requested length gets the cheapest stack that fits it: selective at 128K on sp = 8
+    assert plan("llama3-8b", "128K", 8, 80, sp=8).chosen_stack == MemoryStack("selective")
+    two_m = plan("llama3-8b", "2M", 8, 80)
+    stacks = memory_stacks(FLAVORS["8b"])
+    chosen = two_m.chosen
+    assert chosen.fits(two_m.budget) and two_m.chosen_stack.ac == "offload"  # dp=2 × sp=4 here
+    fits = lambda sp, m: estimate(FLAVORS["8b"], 2**21, 8 // sp, sp, loss="chunked", **m.kwargs()).fits(two_m.budget)  # noqa: E731
+    assert not any(fits(m_sp, m) for m_sp in (1, 2, 4, 8) if m_sp < chosen.sp for m in stacks)
+    assert not any(fits(chosen.sp, m) for m in stacks[: stacks.index(two_m.chosen_stack)])
+    # each stack on its own is a step parallelize_module runs: the config line says how
+    assert "UlyssesConfig(activation_checkpointing='offload', tiled_tokenwise=True, head_chunks=4)" in format_plan(p)
+    # pinned options are respected
+    pinned = plan("llama3-8b", "128K", 8, 80, ac="full", tiled=False)
+    assert all(m.ac == "full" and not m.tiled for m in pinned.longest_stack.values())
+    with pytest.raises(ValueError, match="selective"):
+        plan("llama3-8b", "128K", 8, 80, ac="selective", head_chunks=4)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -144,6 +173,8 @@ def test_plan_picks_the_smallest_sp_that_fits_and_the_longest_sequence():
     (dict(dp=5), "does not divide"),
     (dict(dp=4, sp=4), "16 GPUs"),
     (dict(seq_len="4M", gpus=8, ac="none"), "nothing fits.*would fit"),
+    (dict(ac="partial"), "choose auto or one of"),
+    (dict(head_chunks=-1), "head-chunks"),
 ])
 def test_impossible_inputs_raise(kwargs, match):
     args = dict(model="llama3-8b", seq_len="128K", gpus=32, gpu_mem_gib=80) | kwargs
@@ -153,21 +184,29 @@ def test_impossible_inputs_raise(kwargs, match):
 
 def test_nothing_fits_says_what_would():
     with pytest.raises(PlanError) as info:
-        plan("llama3-8b", "160K", 8, 80, ac="none")
+        plan("llama3-8b", "160K", 8, 80, ac="none", tiled=False, loss="full")
     text = str(info.value)
     assert "--activation-checkpointing full" in text and "GPUs with >=" in text and "at most" in text
+    assert "the whole memory stack: --activation-checkpointing offload --tiled yes" in text
 
 
 def test_cli(capsys):
     assert main(["plan", "--model", "llama3-8b", "--seq-len", "1M", "--gpus", "32", "--gpu-mem-gib", "80",
-                 "--loss", "full"]) == 0
+                 "--loss", "full", "--activation-checkpointing", "full", "--tiled", "no", "--head-chunks", "1"]) == 0
     out = capsys.readouterr().out
     assert "layout: dp=1 × sp=32" in out and "full loss" in out and "longest sequence" in out and "<- chosen" in out
-    assert main(["plan", "--model", "8b", "--seq-len", "128K", "--gpus", "8", "--json"]) == 0
+    assert main(["plan", "--model", "8b", "--seq-len", "128K", "--gpus", "8", "--json", "--activation-checkpointing",
+                 "full", "--tiled", "no"]) == 0
     data = json.loads(capsys.readouterr().out)
     # the chunked loss (default) fits 128K at sp = 2 (the full-logits loss needs sp = 8)
     assert data["layout"] == {"dp": 4, "sp": 2} and data["estimate"]["peak_bytes"] <= data["budget_bytes"]
     assert data["estimate"]["loss"] == "chunked"
+    assert main(["plan", "--model", "8b", "--gpus", "8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["longest_overall"]["seq_len"] >= 5 * 2**20 and data["longest_overall"]["sp"] == 8
+    assert data["longest_overall"]["ulysses_config"].startswith("UlyssesConfig(activation_checkpointing='offload'")
+    assert main(["plan", "--tiled", "maybe"]) == 2
+    assert "--tiled 'maybe'" in capsys.readouterr().err
     assert main(["plan", "--model", "8b", "--gpus", "6", "--dp", "4"]) == 2
     assert "does not divide" in capsys.readouterr().err
 

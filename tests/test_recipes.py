@@ -313,10 +313,15 @@ def _hf_options(**changes):
     return hf_llama, hf_llama.Options(**options)
 
 
-def test_hf_llama_example_loss_matches_one_process(ranks4):
+@pytest.mark.parametrize("memory_stack", ["auto", "on"])
+def test_hf_llama_example_loss_matches_one_process(ranks4, memory_stack):
     """The example's loop on (dp, sp) = (2, 2): every step's loss (the global mean, the same on
-    all ranks) equals the single-process run of the same loop, AdamW updates included."""
-    hf_llama, options = _hf_options()
+    all ranks) equals the single-process run of the same loop, AdamW updates included; also with
+    the whole memory stack (offload, tiled MLPs and norms, head chunks)."""
+    hf_llama, options = _hf_options(memory_stack=memory_stack)
+    config = hf_llama.memory_config(options, 2)
+    stack = (config.activation_checkpointing, config.tiled_tokenwise, config.head_chunks)
+    assert stack == (("none", False, 1) if memory_stack == "auto" else ("offload", True, 2))  # CPU: no cap
     expected = hf_llama.train(options, mesh=None, log=None)
     assert len(set(expected)) == len(expected)  # the steps change the model
     for losses in ranks4.run(hf_llama.train_on_rank, options, timeout_s=300):
@@ -330,3 +335,5 @@ def test_hf_llama_help():
         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": ""},
     )
     assert result.returncode == 0 and "usage" in result.stdout and "--dp" in result.stdout, result.stderr
+    words = " ".join(result.stdout.split())  # argparse wraps the help text
+    assert "--memory-stack" in words and "activation offload, tiled MLPs and norms" in words

@@ -116,6 +116,41 @@ def test_activation_checkpointing_is_exact_and_counts_its_minimum(reference, tmp
         assert r["collectives"]["all_to_all"] == all_to_alls  # 2 layers × (2 fwd + 2 bwd [+ 2 recomputed])
 
 
+def test_memory_stack_is_exact_and_counts_its_minimum(reference, tmp_path):
+    """The whole memory stack (offload, tiled MLPs and norms, 2 head chunks of the 2 heads a
+    rank holds): the reference's losses, all-to-all bytes = the minimum (the backward re-sends
+    q/k/v, the recompute replays the attention outputs: 2 layers × (4 forward + 4 backward))."""
+    cfg = replace(SMALL, activation_checkpointing="offload", tiled_tokenwise="yes", head_chunks=2, out_dir=str(tmp_path))
+    summary = run_train(cfg)
+    want = _losses(reference)
+    assert max(abs(g - w) / abs(w) for g, w in zip(_losses(summary), want)) < 1e-10
+    for r in (r for r in summary["history"] if "bytes_sent" in r):
+        assert r["all_to_all_bytes"] == r["all_to_all_min_bytes"], r
+        assert r["collectives"]["all_to_all"] == 16
+
+
+def test_memory_stack_auto_follows_the_cap():
+    """"auto" options: no cap on CPU gives the cheapest stack; a cap the plain step exceeds gives
+    the cheapest that fits it by the planner's estimate."""
+    from ulysses_dtensor.data import RetrievalTask
+    from ulysses_dtensor.train import resolve_memory_stack
+
+    task = RetrievalTask()
+    plain = resolve_memory_stack(replace(SMALL, dtype="float32"), task)
+    assert (plain.activation_checkpointing, plain.tiled_tokenwise, plain.head_chunks) == ("none", "no", 1)
+    long = replace(SMALL, dtype="float32", seq_len=2**16, curriculum="65536:1", tokens_per_step=2**16, model="small")
+    from ulysses_dtensor.planner import estimate
+    from ulysses_dtensor.llama import llama_config
+
+    model = llama_config("small", vocab_size=task.vocab_size)
+    none = estimate(model, 2**16, 1, 2, ac="none", precision="float32", loss="full").peak
+    capped = resolve_memory_stack(replace(long, memory_cap_gib=0.6 * none / 2**30), task)
+    assert capped.activation_checkpointing != "none"
+    chosen = estimate(model, 2**16, 1, 2, ac=capped.activation_checkpointing, precision="float32", loss="full",
+                      tiled=capped.tiled_tokenwise == "yes", head_chunks=capped.head_chunks)
+    assert chosen.peak <= 0.6 * none
+
+
 def test_local_attention_only_sends_no_all_to_all_and_changes_the_result(reference, tmp_path):
     summary = run_train(replace(SMALL, local_attention_only=True, out_dir=str(tmp_path)))
     logged = [r for r in summary["history"] if "bytes_sent" in r]

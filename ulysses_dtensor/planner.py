@@ -508,9 +508,88 @@ def longest_sequence(cfg: LlamaConfig, dp: int, sp: int, budget: int, **kw) -> i
     return lo * sp
 
 
+@dataclass(frozen=True)
+class MemoryStack:
+    """One combination of the memory options (``UlyssesConfig`` fields of the same meaning)."""
+
+    ac: str = "full"
+    tiled: bool = False  # tiled_tokenwise
+    head_chunks: int = 1
+
+    def kwargs(self) -> dict:
+        return dict(ac=self.ac, tiled=self.tiled, head_chunks=self.head_chunks)
+
+    def chunks_at(self, heads_per_rank: int) -> int:
+        """The chunks parallelize_module runs: at most the query heads a rank holds."""
+        return min(self.head_chunks, max(heads_per_rank, 1))
+
+    def describe(self, heads_per_rank: int) -> str:
+        parts = [f"activation checkpointing {self.ac}"]
+        if self.tiled:
+            parts.append("tiled MLPs and norms")
+        if self.chunks_at(heads_per_rank) > 1:
+            parts.append(f"{self.chunks_at(heads_per_rank)} head chunks")
+        return ", ".join(parts)
+
+    def config(self, loss: str, heads_per_rank: int) -> str:
+        """The ``UlyssesConfig`` arguments that run this stack (defaults left out)."""
+        args = [f"activation_checkpointing={self.ac!r}"] if self.ac != "none" else []
+        if self.tiled:
+            args.append("tiled_tokenwise=True")
+        if self.chunks_at(heads_per_rank) > 1:
+            args.append(f"head_chunks={self.chunks_at(heads_per_rank)}")
+        if loss == "full":
+            args.append("chunked_loss=False")
+        return f"UlyssesConfig({', '.join(args)})"
+
+
+def memory_stacks(cfg: LlamaConfig, ac: str = "auto", tiled: bool | None = None, head_chunks: int = 0) -> list[MemoryStack]:
+    """The stacks ``plan`` may choose, cheapest step first (recompute and transfers grow down the
+    list); ``ac`` other than "auto", ``tiled`` other than None and ``head_chunks`` other than 0
+    pin that option."""
+    every_head = cfg.n_heads  # capped at the heads a rank holds: one query head at a time
+    default = [MemoryStack("none"), MemoryStack("selective"), MemoryStack("full"), MemoryStack("full", True),
+               MemoryStack("offload", True), MemoryStack("offload", True, every_head)]
+    chosen = [m for m in default if (ac == "auto" or m.ac == ac) and (tiled is None or m.tiled == tiled)
+              and (head_chunks == 0 or m.head_chunks == head_chunks)]
+    if not chosen:
+        wanted_ac = "offload" if ac == "auto" else ac
+        chunks = head_chunks or 1
+        if wanted_ac == "selective" and chunks > 1:
+            raise ValueError("--head-chunks > 1 with --activation-checkpointing selective: parallelize_module refuses it")
+        chosen = [MemoryStack(wanted_ac, bool(tiled), chunks)]
+    return chosen
+
+
+def choose_stack(cfg: LlamaConfig, seq_len: int, dp: int, sp: int, stacks: list[MemoryStack], cap: int,
+                 *, precision: str | Precision = "bf16", batch: int = 1, loss: str = "chunked") -> tuple[MemoryStack, str]:
+    """The cheapest of ``stacks`` whose estimated step fits ``cap`` bytes per device (the cheapest
+    of all when ``cap`` is 0: no limit known), and why, for a log line. When none fits: the last
+    (the one that saves the most)."""
+    if not cap:
+        return stacks[0], "no memory cap: the cheapest"
+    for m in stacks:
+        if estimate(cfg, seq_len, dp, sp, precision=precision, batch=batch, loss=loss, **m.kwargs()).fits(cap):
+            return m, f"the cheapest that fits {cap / GIB:.1f} GiB"
+    return stacks[-1], f"nothing fits {cap / GIB:.1f} GiB by the planner's estimate: the one that saves the most"
+
+
+def device_memory_cap(cap_gib: float, reserve_gib: float = 2.0) -> int:
+    """``cap_gib`` in bytes; 0 means the current GPU's memory less ``reserve_gib`` on CUDA, and no
+    cap (0) on CPU."""
+    if cap_gib:
+        return int(cap_gib * GIB)
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory - int(reserve_gib * GIB)
+    return 0
+
+
 @dataclass
 class Plan:
-    """The chosen layout, its estimate, the longest sequence it fits and every candidate."""
+    """The chosen layout and memory stack, its estimate, the longest sequence it fits and every
+    candidate (each sp with its cheapest fitting stack)."""
 
     model: str
     config: LlamaConfig
@@ -519,24 +598,45 @@ class Plan:
     reserve_gib: float
     budget: int
     chosen: Estimate
-    longest_seq_len: int
+    longest_seq_len: int  # at the chosen layout, with the stack that fits the most
     candidates: list[Estimate] = field(default_factory=list)
     candidate_longest: dict[int, int] = field(default_factory=dict)
+    chosen_stack: MemoryStack = MemoryStack()
+    longest_stack: dict[int, MemoryStack] = field(default_factory=dict)  # per sp
+
+    @property
+    def longest_overall(self) -> tuple[int, int]:
+        """(sequence length, sp) of the longest sequence any candidate layout fits."""
+        sp = max(self.candidate_longest, key=lambda k: (self.candidate_longest[k], -k))
+        return self.candidate_longest[sp], sp
 
     def to_json(self) -> dict:
+        longest, longest_sp = self.longest_overall
         return {
             "model": self.model, "config": asdict(self.config), "params": self.config.num_params(),
             "gpus": self.gpus, "gpu_mem_gib": self.gpu_mem_gib, "reserve_gib": self.reserve_gib,
             "budget_bytes": self.budget,
             "layout": {"dp": self.chosen.dp, "sp": self.chosen.sp},
+            "memory_stack": asdict(self.chosen_stack),
+            "ulysses_config": self.chosen_stack.config(self.chosen.loss, _heads_per_rank(self.config, self.chosen.sp)),
             "estimate": _estimate_json(self.chosen),
             "longest_seq_len": self.longest_seq_len,
+            "longest_overall": {"seq_len": longest, "dp": self.gpus // longest_sp, "sp": longest_sp,
+                                "memory_stack": asdict(self.longest_stack[longest_sp]),
+                                "ulysses_config": self.longest_stack[longest_sp].config(
+                                    self.chosen.loss, _heads_per_rank(self.config, longest_sp))},
             "candidates": [
                 _estimate_json(c)
-                | {"fits": c.fits(self.budget), "longest_seq_len": self.candidate_longest.get(c.sp, 0)}
+                | {"fits": c.fits(self.budget), "longest_seq_len": self.candidate_longest.get(c.sp, 0),
+                   "longest_memory_stack": asdict(self.longest_stack[c.sp])}
                 for c in self.candidates
             ],
         }
+
+
+def _heads_per_rank(cfg: LlamaConfig, sp: int) -> int:
+    """Query heads of the most loaded rank (1 for sp = 1: nothing to chunk without an exchange)."""
+    return -(-cfg.n_heads // sp) if sp > 1 else 1
 
 
 def _estimate_json(e: Estimate) -> dict:
@@ -546,17 +646,23 @@ def _estimate_json(e: Estimate) -> dict:
 
 
 def plan(
-    model: str, seq_len: str | int, gpus: int, gpu_mem_gib: float, *, dp: int = 0, sp: int = 0, ac: str = "full",
+    model: str, seq_len: str | int, gpus: int, gpu_mem_gib: float, *, dp: int = 0, sp: int = 0, ac: str = "auto",
     dtype: str = "bf16", batch: int = 1, reserve_gib: float = 2.0, vocab_size: int = 0, loss: str = "chunked",
+    tiled: bool | None = None, head_chunks: int = 0,
 ) -> Plan:
-    """The best (dp, sp) layout for ``model`` at ``seq_len`` on ``gpus`` GPUs of ``gpu_mem_gib``:
-    the smallest sp whose step fits (so the most dp), and the longest sequence that layout fits.
-    ``dp``/``sp`` (0 = free) pin the layout. Raises :class:`PlanError` naming what would fit."""
+    """The best (dp, sp) layout and memory stack for ``model`` at ``seq_len`` on ``gpus`` GPUs
+    of ``gpu_mem_gib``: the smallest sp at which some stack fits (so the most dp), with the
+    cheapest such stack (:func:`memory_stacks` order), and the longest sequence each layout
+    fits with the stack that fits the most. ``dp``/``sp`` (0 = free) pin the layout; ``ac``
+    ("auto" = free), ``tiled`` (None = free) and ``head_chunks`` (0 = free) pin the stack.
+    Raises :class:`PlanError` naming what would fit."""
     name, cfg = parse_model(model, vocab_size)
     n = parse_length(seq_len)
     precision = parse_precision(dtype)
-    if ac not in AC_MODES:
-        raise ValueError(f"--activation-checkpointing {ac!r}: choose one of {', '.join(AC_MODES)}")
+    if ac != "auto" and ac not in AC_MODES:
+        raise ValueError(f"--activation-checkpointing {ac!r}: choose auto or one of {', '.join(AC_MODES)}")
+    if head_chunks < 0:
+        raise ValueError(f"--head-chunks must be >= 1 (or 0: chosen by the planner), got {head_chunks}")
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
     if gpu_mem_gib <= reserve_gib:
@@ -580,16 +686,27 @@ def plan(
     budget = int((gpu_mem_gib - reserve_gib) * GIB)
     if loss not in LOSS_MODES:
         raise ValueError(f"--loss {loss!r}: choose one of {', '.join(LOSS_MODES)}")
-    kw = dict(ac=ac, precision=precision, batch=batch, model=name, loss=loss)
-    candidates = [estimate(cfg, n, gpus // s, s, **kw) for s in sps]
+    stacks = memory_stacks(cfg, ac, tiled, head_chunks)
+    kw = dict(precision=precision, batch=batch, model=name, loss=loss)
+    candidates, stack_of = [], {}
+    for s in sps:
+        estimates = [(m, estimate(cfg, n, gpus // s, s, **kw, **m.kwargs())) for m in stacks]
+        # the cheapest stack that fits, else the one with the smallest peak (to say what is missing)
+        m, e = next(((m, e) for m, e in estimates if e.fits(budget)), min(estimates, key=lambda me: me[1].peak))
+        candidates.append(e)
+        stack_of[s] = m
     fitting = [c for c in candidates if c.fits(budget)]
     if not fitting:
-        raise PlanError(_nothing_fits(cfg, name, n, gpus, gpu_mem_gib, reserve_gib, budget, candidates, kw))
+        raise PlanError(_nothing_fits(cfg, name, n, gpus, gpu_mem_gib, reserve_gib, budget, candidates,
+                                      kw | stack_of[min(candidates, key=lambda c: c.peak).sp].kwargs()))
     chosen = fitting[0]
-    longest = {c.sp: longest_sequence(cfg, c.dp, c.sp, budget, ac=ac, precision=precision, batch=batch, loss=loss)
-               for c in candidates}
+    longest, longest_stack = {}, {}
+    for c in candidates:
+        per_stack = [(longest_sequence(cfg, c.dp, c.sp, budget, precision=precision, batch=batch, loss=loss,
+                                       **m.kwargs()), m) for m in stacks]
+        longest[c.sp], longest_stack[c.sp] = max(per_stack, key=lambda lm: lm[0])
     return Plan(name, cfg, gpus, gpu_mem_gib, reserve_gib, budget, chosen, longest[chosen.sp],
-                candidates, longest)
+                candidates, longest, stack_of[chosen.sp], longest_stack)
 
 
 def _nothing_fits(cfg, name, n, gpus, gpu_mem_gib, reserve_gib, budget, candidates, kw) -> str:
@@ -598,18 +715,25 @@ def _nothing_fits(cfg, name, n, gpus, gpu_mem_gib, reserve_gib, budget, candidat
         f"nothing fits: {name} at {n:,} tokens on {gpus} GPUs × {gpu_mem_gib:g} GiB "
         f"({(budget) / GIB:.1f} GiB usable after the {reserve_gib:g} GiB reserve); the smallest peak is "
         f"{smallest.peak / GIB:.1f} GiB at dp={smallest.dp} × sp={smallest.sp} "
-        f"(activation checkpointing {kw['ac']}). What would fit:",
+        f"({MemoryStack(kw['ac'], kw['tiled'], kw['head_chunks']).describe(_heads_per_rank(cfg, smallest.sp))}). "
+        "What would fit:",
         f"  - GPUs with >= {smallest.peak / GIB + reserve_gib:.1f} GiB",
     ]
     longest = longest_sequence(cfg, smallest.dp, smallest.sp, budget, ac=kw["ac"], precision=kw["precision"],
-                               batch=kw["batch"], loss=kw["loss"])
+                               batch=kw["batch"], loss=kw["loss"], tiled=kw["tiled"], head_chunks=kw["head_chunks"])
     if longest:
         lines.append(f"  - a sequence of at most {longest:,} tokens at dp={smallest.dp} × sp={smallest.sp}")
     for other in AC_MODES:
-        if other != kw["ac"]:
+        if other != kw["ac"] and not (other == "selective" and kw["head_chunks"] > 1):
             alt = estimate(cfg, n, smallest.dp, smallest.sp, **(kw | {"ac": other}))
             if alt.fits(budget):
                 lines.append(f"  - --activation-checkpointing {other} ({alt.peak / GIB:.1f} GiB at sp={smallest.sp})")
+    stack = {"ac": "offload", "tiled": True, "head_chunks": cfg.n_heads}
+    if any(kw[k] != v for k, v in stack.items()):
+        alt = estimate(cfg, n, smallest.dp, smallest.sp, **(kw | stack))
+        if alt.fits(budget):
+            lines.append(f"  - the whole memory stack: --activation-checkpointing offload --tiled yes --head-chunks "
+                         f"{cfg.n_heads} ({alt.peak / GIB:.1f} GiB at sp={smallest.sp})")
     if smallest.sp < n:
         for g in (gpus * 2**k for k in range(1, 8)):
             sps = candidate_sps(cfg, g, n)
@@ -640,7 +764,10 @@ class PlanConfig:
     dp: int = _opt(0, "data-parallel degree (0: chosen)")
     sp: int = _opt(0, "sequence-parallel degree (0: the smallest that fits)")
     activation_checkpointing: str = _opt(
-        "full", "none, selective (keep attention, recompute the rest) or full (per block)")
+        "auto", "auto (chosen with the rest of the memory stack), none, selective (keep attention, recompute the "
+                "rest), full (per block) or offload (full, block inputs in host memory)")
+    tiled: str = _opt("auto", "MLPs and norms in sequence tiles (UlyssesConfig.tiled_tokenwise): auto, yes or no")
+    head_chunks: int = _opt(0, "query heads per rank in this many chunks (UlyssesConfig.head_chunks; 0: chosen)")
     dtype: str = _opt("bf16", "bf16 (FSDP2 bf16 params/compute, fp32 master, grads and Adam) or float32")
     batch: int = _opt(1, "sequences per data-parallel replica per step")
     loss: str = _opt("chunked", "chunked (the loss in tiles from the hidden states: no logits held) or full (all logits)")
@@ -653,9 +780,13 @@ def run_plan(cfg: PlanConfig, out=None) -> int:
     """Print the plan (table or JSON); exit code 0, or 2 with the reason on stderr."""
     out = out or sys.stdout
     try:
+        tiled = {"auto": None, "yes": True, "no": False}.get(cfg.tiled.lower())
+        if cfg.tiled.lower() not in ("auto", "yes", "no"):
+            raise ValueError(f"--tiled {cfg.tiled!r}: choose auto, yes or no")
         result = plan(cfg.model, cfg.seq_len, cfg.gpus, cfg.gpu_mem_gib, dp=cfg.dp, sp=cfg.sp,
                       ac=cfg.activation_checkpointing, dtype=cfg.dtype, batch=cfg.batch,
-                      reserve_gib=cfg.reserve_gib, vocab_size=cfg.vocab_size, loss=cfg.loss)
+                      reserve_gib=cfg.reserve_gib, vocab_size=cfg.vocab_size, loss=cfg.loss,
+                      tiled=tiled, head_chunks=cfg.head_chunks)
     except ValueError as exc:
         print(f"ulysses-dtensor plan: error: {exc}", file=sys.stderr)
         return 2
@@ -681,6 +812,10 @@ def format_plan(p: Plan) -> str:
     """The plan as a text table (what ``ulysses-dtensor plan`` prints)."""
     e, cfg = p.chosen, p.config
     m, d, c = e.memory, e.memory_detail, e.comm
+    overall, overall_sp = p.longest_overall
+
+    def hpr(sp: int) -> int:
+        return _heads_per_rank(cfg, sp)
     width = 52
 
     def row(label: str, value: int, note: str = "") -> str:
@@ -692,8 +827,10 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"plan: {p.model} ({cfg.num_params() / 1e9:.2f} B params, {cfg.n_layers} layers, {cfg.n_heads} heads / "
         f"{cfg.n_kv_heads} kv of {cfg.head_dim}), {e.batch} × {e.seq_len:,} tokens per replica, "
-        f"{p.gpus} GPUs × {p.gpu_mem_gib:g} GiB, {precision}, activation checkpointing {e.ac}, {e.loss} loss",
+        f"{p.gpus} GPUs × {p.gpu_mem_gib:g} GiB, {precision}, {e.loss} loss",
         f"layout: dp={e.dp} × sp={e.sp}  (the smallest sp that fits, then the most dp){_hybrid_note(e, cfg)}",
+        f"memory stack: {p.chosen_stack.describe(hpr(e.sp))}  (the cheapest that fits)  ->  "
+        f"{p.chosen_stack.config(e.loss, hpr(e.sp))}",
         f"per GPU: {rank_tokens:,} tokens in the sequence layout; "
         f"{-(-cfg.n_heads // (e.sp // e.ring_degree))} query head(s) × "
         f"{e.batch * -(-e.seq_len // e.ring_degree):,} tokens in the head layout",
@@ -704,7 +841,7 @@ def format_plan(p: Plan) -> str:
         row("optimizer: Adam m, v (fp32 shard)", m["optimizer"]),
         row("FSDP root unit gathered (embedding, norm, output)", m["fsdp_root_unsharded"]),
         row(f"activations kept ({cfg.n_layers} layers × {d['activations_per_layer'] / GIB:.3f} + outside)",
-            m["activations"]),
+            m["activations"], f"   (+ {e.host_bytes / GIB:.1f} GiB in host memory)" if e.host_bytes else ""),
         row(f"logits ({rank_tokens:,} tokens × {cfg.vocab_size:,})" if e.loss == "full"
             else "logits (chunked loss: none held)", m["logits"]),
         row("backward peak: the larger of", m["backward_peak"]),
@@ -719,13 +856,16 @@ def format_plan(p: Plan) -> str:
         f"  {'communication per step per GPU (bytes sent)':<{width}}      GiB",
         row("Ulysses all-to-all, forward", c["all_to_all_forward"]),
         row("Ulysses all-to-all, backward", c["all_to_all_backward"]),
-        row("Ulysses all-to-all, recomputed forward (full AC)", c["all_to_all_recompute"]),
+        row("Ulysses all-to-all, recomputed forward", c["all_to_all_recompute"]),
         row("FSDP all-gather (forward + backward re-gather)", c["fsdp_all_gather"]),
         row("FSDP reduce-scatter", c["fsdp_reduce_scatter"]),
         row("total", c["total"]),
         "",
         f"longest sequence that fits at dp={e.dp} × sp={e.sp}: {p.longest_seq_len:,} tokens "
-        f"({_tokens(p.longest_seq_len)})",
+        f"({_tokens(p.longest_seq_len)}) with {p.longest_stack[e.sp].describe(hpr(e.sp))}",
+        f"longest sequence on these {p.gpus} GPUs: {overall:,} tokens ({_tokens(overall)}) at dp={p.gpus // overall_sp}"
+        f" × sp={overall_sp} with {p.longest_stack[overall_sp].describe(hpr(overall_sp))}  ->  "
+        f"{p.longest_stack[overall_sp].config(e.loss, hpr(overall_sp))}",
         "",
         "  dp × sp   peak GiB  fits   all-to-all GiB   FSDP GiB   longest sequence",
     ]

@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ from .comm_counter import CollectiveCounter
 from .data import RetrievalTask, TextTask, step_generator
 from .hybrid import hybrid_elements_sent
 from .inputs import IGNORE_INDEX, local_slice
+from .layout import UlyssesLayout
 from .llama import Llama, llama_config
 from .mesh import init_mesh
 from .parallelize import UlyssesConfig, parallelize_module
@@ -56,7 +57,15 @@ class TrainConfig:
     text: str = _opt("", "train on a local text file / datasets dir instead of the retrieval task")
     eval_batches: int = _opt(16, "held-out batches at seq_len for the final accuracy")
     local_attention_only: bool = _opt(False, "ablation: attention restricted to each rank's shard")
-    activation_checkpointing: str = _opt("none", "none, selective (recompute all but the all-to-alls and the attention kernel) or full")
+    activation_checkpointing: str = _opt(
+        "auto", "auto (the memory stack below), none, selective (recompute all but the all-to-alls and the attention "
+                "kernel), full, or offload (full, block inputs in host memory)")
+    tiled_tokenwise: str = _opt("auto", "MLPs and norms in sequence tiles: auto, yes or no")
+    head_chunks: int = _opt(0, "query heads per rank in this many chunks (0: auto)")
+    memory_cap_gib: float = _opt(
+        0.0, "memory stack: 'auto' options take the cheapest combination (ulysses-dtensor plan's order) whose "
+             "step fits this many GiB per device at the longest curriculum length; 0: the GPU's memory less 2 GiB "
+             "on CUDA, no cap on CPU (then: no checkpointing, no tiling, no head chunks)")
     checkpoint_dir: str = _opt("", "directory for DCP checkpoints (none if empty)")
     checkpoint_every: int = _opt(0, "steps between checkpoints (0: only at the end)")
     resume: bool = _opt(False, "continue from the latest checkpoint in --checkpoint-dir")
@@ -125,8 +134,12 @@ def check_config(cfg: TrainConfig, task, phases: list[Phase]) -> None:
         raise ValueError(f"--sp and --dp must be >= 1, got sp={cfg.sp}, dp={cfg.dp}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
-    if cfg.activation_checkpointing not in CHECKPOINTING_MODES:
-        raise ValueError(f"--activation-checkpointing must be one of {CHECKPOINTING_MODES}")
+    if cfg.activation_checkpointing not in ("auto", *CHECKPOINTING_MODES):
+        raise ValueError(f"--activation-checkpointing must be auto or one of {CHECKPOINTING_MODES}")
+    if cfg.tiled_tokenwise not in ("auto", "yes", "no"):
+        raise ValueError(f"--tiled-tokenwise must be auto, yes or no, got {cfg.tiled_tokenwise!r}")
+    if cfg.head_chunks < 0 or cfg.memory_cap_gib < 0:
+        raise ValueError("--head-chunks and --memory-cap-gib must be >= 0 (0: automatic)")
     if cfg.resume and not cfg.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir")
     if cfg.resume and latest_checkpoint(cfg.checkpoint_dir) is None:
@@ -138,6 +151,29 @@ def check_config(cfg: TrainConfig, task, phases: list[Phase]) -> None:
     model = llama_config(cfg.model)
     if model.n_heads % model.n_kv_heads:
         raise ValueError(f"model {cfg.model}: n_heads must be a multiple of n_kv_heads")
+
+
+def resolve_memory_stack(cfg: TrainConfig, task) -> TrainConfig:
+    """``cfg`` with every "auto" memory option decided: the cheapest stack of
+    :func:`planner.memory_stacks` (pinned options kept) whose estimated step at the longest
+    curriculum phase fits ``--memory-cap-gib`` (or the GPU's memory less 2 GiB); the cheapest
+    without a cap. Prints the choice."""
+    from .planner import PRECISIONS, Precision, choose_stack, device_memory_cap, memory_stacks
+
+    auto = cfg.activation_checkpointing == "auto" or cfg.tiled_tokenwise == "auto" or cfg.head_chunks == 0
+    if not auto:
+        return cfg
+    tiled = {"auto": None, "yes": True, "no": False}[cfg.tiled_tokenwise]
+    model_cfg = llama_config(cfg.model, vocab_size=task.vocab_size)
+    stacks = memory_stacks(model_cfg, cfg.activation_checkpointing, tiled, cfg.head_chunks)
+    last = build_phases(cfg)[-1]
+    precision = PRECISIONS["float32"] if cfg.dtype == "float32" else Precision("float64", 8, 8, 8, 16, 8, 8)
+    chosen, why = choose_stack(model_cfg, last.seq_len, cfg.dp, cfg.sp, stacks, device_memory_cap(cfg.memory_cap_gib),
+                               precision=precision, batch=max(1, last.batch // cfg.dp), loss="full")
+    heads_per_rank = -(-model_cfg.n_heads // cfg.sp)
+    print(f"ulysses-dtensor train: memory stack: {chosen.describe(heads_per_rank)} ({why})", flush=True)
+    return replace(cfg, activation_checkpointing=chosen.ac, tiled_tokenwise="yes" if chosen.tiled else "no",
+                   head_chunks=chosen.chunks_at(heads_per_rank))
 
 
 def make_task(cfg: TrainConfig):
@@ -158,8 +194,9 @@ def train_rank(cfg: TrainConfig) -> dict:
     model_cfg = llama_config(cfg.model, vocab_size=task.vocab_size, max_seq_len=max(p.seq_len for p in phases))
     torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
     model = Llama(model_cfg).to(device=device, dtype=DTYPES[cfg.dtype])
-    parallelize_module(model, mesh, UlyssesConfig(local_attention_only=cfg.local_attention_only,
-                                                  activation_checkpointing=cfg.activation_checkpointing))
+    parallelize_module(model, mesh, UlyssesConfig(
+        local_attention_only=cfg.local_attention_only, activation_checkpointing=cfg.activation_checkpointing,
+        tiled_tokenwise=cfg.tiled_tokenwise == "yes", head_chunks=max(cfg.head_chunks, 1)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     history: list[dict] = []
@@ -293,7 +330,14 @@ def _comm_and_memory(counter, model_cfg, phase: Phase, cfg: TrainConfig, sp_rank
         phase.batch // cfg.dp, model_cfg.n_heads, model_cfg.n_kv_heads, phase.seq_len, model_cfg.head_dim, cfg.sp,
         ring, sp_rank,
     )
-    recomputed = sent[0] if cfg.activation_checkpointing == "full" else 0  # the forward's exchanges again
+    if cfg.head_chunks > 1 and ring == 1 and cfg.sp > 1:  # the chunked backward receives q, k, v again
+        layout = UlyssesLayout.build(phase.batch // cfg.dp, model_cfg.n_heads, model_cfg.n_kv_heads, phase.seq_len,
+                                     model_cfg.head_dim, cfg.sp)
+        sent = (sent[0], layout.head_chunked_backward_elements_sent(sp_rank))
+    # a recomputed forward exchanges again (offload with head chunks replays the attention outputs)
+    recomputes = cfg.activation_checkpointing == "full" or (cfg.activation_checkpointing == "offload"
+                                                              and cfg.head_chunks <= 1)
+    recomputed = sent[0] if recomputes else 0
     minimum = 0 if cfg.local_attention_only else model_cfg.n_layers * size * (sum(sent) + recomputed)
     mine = torch.tensor(
         [counter.bytes_sent(), counter.bytes_sent("all_to_all"), minimum, _peak_memory_mib(device)], dtype=torch.float64
@@ -354,6 +398,7 @@ def run_train(cfg: TrainConfig) -> dict:
 
     task = make_task(cfg)
     check_config(cfg, task, build_phases(cfg))
+    cfg = resolve_memory_stack(cfg, task)
     world = cfg.dp * cfg.sp
     if under_torchrun():
         if int(os.environ["WORLD_SIZE"]) != world:
