@@ -167,3 +167,24 @@ def test_propagation_overhead_script_measures_both_paths(ranks4):
         assert prop["step_ms_median"] > 0 and local["step_ms_median"] > 0
         assert prop["bytes_sent"] == local["bytes_sent"] > 0, (prop, local)
         assert abs(r["losses"]["propagation"] - r["losses"]["local"]) <= 1e-5 * abs(r["losses"]["local"])
+
+
+def _rank_memory_stack(ctx):
+    module = _load_benchmark("memory_stack")
+    args = dict(cap_mib=40, sp=ctx.world, vocab=4096, dim=32, ffn=64, layers=1, heads=4, kv_heads=2,
+                loss_chunk_tokens=32, start=64, resolution=64, factors=[4], steps=1)
+    return module._rank_bench(ctx, args)
+
+
+def test_memory_stack_script_measures_both_stacks(ranks4):
+    """benchmarks/memory_stack.py's per-rank measurement (smoke: a 40 MiB cap, small vocab):
+    today's longest N is bracketed by its measurements, the stack fits 4× that N, and its peak
+    grows less per token."""
+    for r in ranks4.run(_rank_memory_stack, world=2, timeout_s=900):
+        today = {p["n"]: p["device_peak"] for p in r["results"]["today"]}
+        n = r["longest_today"]
+        assert today[n] <= 40 * 2**20 and any(m > n and peak > 40 * 2**20 for m, peak in today.items()), today
+        stack = {p["n"]: p["device_peak"] for p in r["results"]["stack"]}
+        assert stack[4 * n] <= 40 * 2**20, stack
+        assert stack[4 * n] - stack[n] < today[n] - today[min(today)], (stack, today)
+        assert r["step_s"]["stack"] > 0 and r["step_s"]["today"] > 0

@@ -156,7 +156,7 @@ def _chunked_forward(plans: _ChunkPlans, attend: Callable, q: Tensor, k: Tensor,
 def _chunked_backward(plans: _ChunkPlans, attend: Callable, q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor):
     grad_out = grad_out.contiguous()
     chunks = len(plans.q_chunks)
-    dq = torch.zeros_like(q) if chunks > 1 else None
+    dq = torch.empty_like(q) if chunks > 1 else None  # every head is written by exactly one chunk
     k_h = v_h = dk_h = dv_h = None
     dk = dv = None
     with _profiled("ulysses_dtensor::head_chunked_attention_backward"):
