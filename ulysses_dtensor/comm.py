@@ -47,11 +47,6 @@ class ExchangePlan:
         return len(self.seq_sizes)
 
 
-def _all_to_all(send: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
-    """One real all-to-all of a flat buffer (element splits), on any backend."""
-    return _wait(_start_all_to_all(send, output_splits, input_splits, group))
-
-
 def _start_all_to_all(send: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
     """Issue the all-to-all and return its (not yet waited) result: compute issued before
     :func:`_wait` overlaps with the transfer (NCCL: on its own stream)."""
@@ -66,6 +61,16 @@ def _wait(result: Tensor) -> Tensor:
 
 def _seq_to_head(plan: ExchangePlan, tensors: Sequence[Tensor]) -> list[Tensor]:
     """(B, H_i, n_rank, D_i) -> (B, |heads_i[rank]|, N, D_i), one collective for all tensors."""
+    return _seq_to_head_finish(_seq_to_head_start(plan, tensors))
+
+
+# An issued exchange: (plan, its not yet waited receive buffer, batch, per-tensor last dims). A
+# plain tuple, which torch.compile traces like the tensors in it.
+_Pending = tuple
+
+
+def _seq_to_head_start(plan: ExchangePlan, tensors: Sequence[Tensor]) -> _Pending:
+    """Pack and issue :func:`_seq_to_head`'s all-to-all; compute before the finish overlaps it."""
     rank, world = plan.rank, plan.world
     n_own = plan.seq_sizes[rank]
     batch = tensors[0].shape[0]
@@ -86,13 +91,18 @@ def _seq_to_head(plan: ExchangePlan, tensors: Sequence[Tensor]) -> list[Tensor]:
     for src in range(world):
         width_dims = sum((r[rank][1] - r[rank][0]) * d for r, d in zip(plan.heads, dims))
         output_splits.append(batch * plan.seq_sizes[src] * width_dims)
-    recv = _all_to_all(send, output_splits, input_splits, plan.group)
-    del send  # free the packed copy before the unpack allocates the results (lower peak)
+    # the packed copy is freed once the collective has it (lower peak than keeping it to the unpack)
+    return plan, _start_all_to_all(send, output_splits, input_splits, plan.group), batch, dims
 
+
+def _seq_to_head_finish(pending: _Pending) -> list[Tensor]:
+    plan, recv, batch, dims = pending
+    recv = _wait(recv)
+    rank = plan.rank
     # Receive buffer: for each source, every tensor's slice of its tokens; concat over sources.
-    pieces: list[list[Tensor]] = [[] for _ in tensors]
+    pieces: list[list[Tensor]] = [[] for _ in dims]
     offset = 0
-    for src in range(world):
+    for src in range(plan.world):
         n_src = plan.seq_sizes[src]
         for i, (ranges, d) in enumerate(zip(plan.heads, dims)):
             width = ranges[rank][1] - ranges[rank][0]
@@ -108,6 +118,11 @@ def _head_to_seq(plan: ExchangePlan, tensors: Sequence[Tensor]) -> list[Tensor]:
     Where several ranks own the same head (GQA kv heads), their contributions are summed: this
     is the exact adjoint of ``_seq_to_head``, which is what its backward needs.
     """
+    return _head_to_seq_finish(_head_to_seq_start(plan, tensors))
+
+
+def _head_to_seq_start(plan: ExchangePlan, tensors: Sequence[Tensor]) -> _Pending:
+    """Pack and issue :func:`_head_to_seq`'s all-to-all."""
     rank, world = plan.rank, plan.world
     n_own = plan.seq_sizes[rank]
     offsets = seq_shard_offsets(list(plan.seq_sizes))
@@ -128,13 +143,17 @@ def _head_to_seq(plan: ExchangePlan, tensors: Sequence[Tensor]) -> list[Tensor]:
     for src in range(world):
         width_dims = sum((r[src][1] - r[src][0]) * d for r, d in zip(plan.heads, dims))
         output_splits.append(batch * n_own * width_dims)
-    recv = _all_to_all(send, output_splits, input_splits, plan.group)
-    del send
+    return plan, _start_all_to_all(send, output_splits, input_splits, plan.group), batch, dims
 
+
+def _head_to_seq_finish(pending: _Pending) -> list[Tensor]:
+    plan, recv, batch, dims = pending
+    recv = _wait(recv)
+    n_own = plan.seq_sizes[plan.rank]
     results = []
-    chunks: list[list[tuple[HeadRange, Tensor]]] = [[] for _ in tensors]
+    chunks: list[list[tuple[HeadRange, Tensor]]] = [[] for _ in dims]
     offset = 0
-    for src in range(world):
+    for src in range(plan.world):
         for i, (ranges, d) in enumerate(zip(plan.heads, dims)):
             start, stop = ranges[src]
             size = batch * (stop - start) * n_own * d

@@ -13,6 +13,10 @@ per chunk the kernel's forward is recomputed on the received heads and its own b
 dq, dk, dv; each chunk's dq goes back with its exchange, dk and dv (summed over chunks) with the
 last one.
 
+The exchanges are pipelined: chunk j+1's q (in backward also its dO) and chunk j-1's output
+(dq) are in flight while chunk j's kernel runs (functional all-to-alls issued before and waited
+after it; NCCL runs them on its own stream, gloo on its thread).
+
 Bytes per forward are those of plain Ulysses; backward also receives q, k and v again (what full
 activation checkpointing's recomputed forward exchange moves), in exchange for never saving the
 head layout. Collectives: ``2·C`` per forward and ``2·C`` per backward. A rank with fewer heads
@@ -34,7 +38,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .comm import ExchangePlan, _head_to_seq, _profiled, _seq_to_head
+from .comm import ExchangePlan, _head_to_seq_finish, _head_to_seq_start, _profiled, _seq_to_head_finish, _seq_to_head_start
 from .layout import HeadRange, UlyssesLayout
 
 Tensor = torch.Tensor
@@ -66,18 +70,19 @@ class _ChunkPlans:
         return ExchangePlan(heads=heads, num_heads=num_heads, seq_sizes=self.layout.seq_sizes, rank=self.rank,
                             group=self.group)
 
-    def to_heads(self, j: int, tensors: tuple, with_kv: tuple = ()) -> list[Tensor]:
-        """Chunk ``j``'s query-head tensors (q, or q and dO) to the head layout; ``with_kv``
-        (k, v) ride along in the same collective."""
+    def to_heads(self, j: int, tensors: tuple, with_kv: tuple = ()):
+        """Issue chunk ``j``'s exchange of query-head tensors (q, or q and dO) to the head layout;
+        ``with_kv`` (k, v) ride along in the same collective. ``_seq_to_head_finish`` of the
+        result waits and gives the tensors: compute in between overlaps the transfer."""
         L = self.layout
         heads = (self.q_chunks[j],) * len(tensors) + (L.kv_ranges,) * len(with_kv)
         nums = (L.num_heads,) * len(tensors) + (L.num_kv_heads,) * len(with_kv)
-        return _seq_to_head(self.plan(heads, nums), (*tensors, *with_kv))
+        return _seq_to_head_start(self.plan(heads, nums), (*tensors, *with_kv))
 
-    def to_seq(self, j: int, out_h: Tensor, with_kv: tuple = ()) -> tuple[Tensor, list[Tensor]]:
-        """Chunk ``j``'s head-layout ``out_h`` back to this rank's tokens, as (B, heads of chunk
-        j over all ranks, N_r, D) in rank order; ``with_kv`` (dk, dv) ride along, summed into
-        (B, H_kv, N_r, D). Returns (chunk tensor, kv tensors)."""
+    def to_seq(self, j: int, out_h: Tensor, with_kv: tuple = ()):
+        """Issue chunk ``j``'s exchange of head-layout ``out_h`` back to this rank's tokens:
+        ``_head_to_seq_finish`` gives (B, heads of chunk j over all ranks, N_r, D) in rank order,
+        then ``with_kv`` (dk, dv), summed into (B, H_kv, N_r, D)."""
         L = self.layout
         # the chunk's heads renumbered 0.. in rank order: an ordered partition, so no zero fill
         widths = [stop - start for start, stop in self.q_chunks[j]]
@@ -87,8 +92,7 @@ class _ChunkPlans:
             offset += w
         heads = (tuple(packed),) + (L.kv_ranges,) * len(with_kv)
         nums = (offset,) + (L.num_kv_heads,) * len(with_kv)
-        results = _head_to_seq(self.plan(heads, nums), (out_h, *with_kv))
-        return results[0], results[1:]
+        return _head_to_seq_start(self.plan(heads, nums), (out_h, *with_kv))
 
     def global_heads(self, j: int, device) -> Tensor:
         return torch.tensor([h for start, stop in self.q_chunks[j] for h in range(start, stop)], device=device,
@@ -133,39 +137,51 @@ class _HeadChunkedAttention(torch.autograd.Function):
 
 
 def _chunked_forward(plans: _ChunkPlans, attend: Callable, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    # pipelined: chunk j+1's q and chunk j-1's output are in flight while chunk j's kernel runs
+    chunks = len(plans.q_chunks)
     out = None
-    k_h = v_h = None
     with _profiled("ulysses_dtensor::head_chunked_attention"):
-        for j in range(len(plans.q_chunks)):
-            first = j == 0
-            received = plans.to_heads(j, (q,), with_kv=(k, v) if first else ())
+        incoming = plans.to_heads(0, (q,), with_kv=(k, v))
+        outgoing = None
+        for j in range(chunks):
+            received = _seq_to_head_finish(incoming)
             q_c = received[0]
-            if first:
+            if j == 0:
                 k_h, v_h = received[1], received[2]
+            if j + 1 < chunks:
+                incoming = plans.to_heads(j + 1, (q,))
             out_c = attend(q_c, k_h, v_h, plans.chunk_layout(j))
-            seq_c, _ = plans.to_seq(j, out_c)
-            del out_c, q_c
-            if len(plans.q_chunks) == 1:
-                return seq_c  # one chunk holds every head, in order
-            if out is None:
-                out = seq_c.new_empty(q.shape[0], plans.layout.num_heads, q.shape[2], seq_c.shape[-1])
-            out.index_copy_(1, plans.global_heads(j, q.device), seq_c)
-    return out
+            del q_c, received
+            if outgoing is not None:
+                out = _place(out, plans, *outgoing, q)
+            outgoing = (j, plans.to_seq(j, out_c))
+            del out_c
+        return _place(out, plans, *outgoing, q)
+
+
+def _place(out: Tensor | None, plans: _ChunkPlans, j: int, pending, q: Tensor) -> Tensor:
+    """Wait for chunk ``j``'s exchange back and write it at its heads of ``out``."""
+    return _write_chunk(out, plans, j, _head_to_seq_finish(pending)[0], q)
 
 
 def _chunked_backward(plans: _ChunkPlans, attend: Callable, q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor):
+    # pipelined like the forward: chunk j+1's q and dO, and chunk j-1's dq, move during chunk j
     grad_out = grad_out.contiguous()
     chunks = len(plans.q_chunks)
-    dq = torch.empty_like(q) if chunks > 1 else None  # every head is written by exactly one chunk
-    k_h = v_h = dk_h = dv_h = None
-    dk = dv = None
+    dq = None
+    dk_h = dv_h = None
     with _profiled("ulysses_dtensor::head_chunked_attention_backward"):
+        incoming = plans.to_heads(0, (q, grad_out), with_kv=(k, v))
+        outgoing = None
         for j in range(chunks):
-            first, last = j == 0, j == chunks - 1
-            received = plans.to_heads(j, (q, grad_out), with_kv=(k, v) if first else ())
+            last = j == chunks - 1
+            received = _seq_to_head_finish(incoming)
             q_c, dout_c = received[0], received[1]
-            if first:
+            if j == 0:
                 k_h, v_h = received[2].requires_grad_(), received[3].requires_grad_()
+            del received
+            if not last:
+                incoming = plans.to_heads(j + 1, (q, grad_out))
             q_c.requires_grad_()
             with torch.enable_grad():
                 out_c = attend(q_c, k_h, v_h, plans.chunk_layout(j))
@@ -175,15 +191,26 @@ def _chunked_backward(plans: _ChunkPlans, attend: Callable, q: Tensor, k: Tensor
             dv_h = _accumulate(dv_h, dv_c, v_h)
             if dq_c is None:
                 dq_c = torch.zeros_like(q_c)
-            del out_c, q_c, dout_c
-            seq_c, kv = plans.to_seq(j, dq_c, with_kv=(dk_h, dv_h) if last else ())
-            if dq is None:
-                dq = seq_c
-            else:
-                dq.index_copy_(1, plans.global_heads(j, q.device), seq_c)
-            if last:
-                dk, dv = kv
+            del out_c, q_c, dout_c, dk_c, dv_c
+            if outgoing is not None:
+                dq = _place(dq, plans, *outgoing, q)
+            outgoing = (j, plans.to_seq(j, dq_c, with_kv=(dk_h, dv_h) if last else ()))
+            del dq_c
+        j, pending = outgoing
+        results = _head_to_seq_finish(pending)
+        dk, dv = results[1], results[2]
+        dq = _write_chunk(dq, plans, j, results[0], q)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _write_chunk(out: Tensor | None, plans: _ChunkPlans, j: int, seq_c: Tensor, q: Tensor) -> Tensor:
+    """``out`` (allocated on first use; every head is written by exactly one chunk) with chunk
+    ``j``'s heads ``seq_c`` in place; a single chunk holds every head in order: it is the result."""
+    if len(plans.q_chunks) == 1:
+        return seq_c
+    if out is None:
+        out = seq_c.new_empty(q.shape[0], plans.layout.num_heads, q.shape[2], seq_c.shape[-1])
+    return out.index_copy_(1, plans.global_heads(j, q.device), seq_c)
 
 
 def _accumulate(total: Tensor | None, grad: Tensor | None, like: Tensor) -> Tensor | None:

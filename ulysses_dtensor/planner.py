@@ -275,14 +275,17 @@ def head_chunked_workspace_bytes(cfg: LlamaConfig, r: _RankShape, chunks: int, a
     larger of one chunk's exchange (receive buffer and the tensors unpacked from it, chunk 0
     carrying k and v) and one chunk's kernel recompute and backward (``ceil(heads / chunks)``
     query heads over all tokens: q, dO, output, dq, the kernel's fp32 dq accumulator,
-    logsumexp and delta; dk/dv, which the later chunks add to)."""
+    logsumexp and delta; dk/dv, which the later chunks add to). With several chunks the exchanges
+    are pipelined: the next chunk's q and dO and the previous chunk's dq are in flight during a
+    kernel."""
     hd, n = cfg.head_dim, r.head_tokens
     h_c = -(-max(r.q_heads, 1) // chunks)
     several = -(-max(r.q_heads, 1) // h_c) > 1
     kv = n * r.kv_heads * hd * a
     held = 2 * kv + (r.tokens * cfg.n_heads * hd * a if several else 0)
     exchange = 2 * n * (2 * h_c * hd * a) + 2 * 2 * kv
-    kernel = n * h_c * hd * a * 4 + n * h_c * (hd * 4 + 8) + 2 * kv
+    in_flight = 3 * n * h_c * hd * a if several else 0
+    kernel = n * h_c * hd * a * 4 + n * h_c * (hd * 4 + 8) + 2 * kv + in_flight
     return held + max(exchange, kernel)
 
 
@@ -520,15 +523,18 @@ class MemoryStack:
         return dict(ac=self.ac, tiled=self.tiled, head_chunks=self.head_chunks)
 
     def chunks_at(self, heads_per_rank: int) -> int:
-        """The chunks parallelize_module runs: at most the query heads a rank holds."""
-        return min(self.head_chunks, max(heads_per_rank, 1))
+        """``UlyssesConfig.head_chunks`` for ranks of ``heads_per_rank`` query heads: 1 (plain
+        Ulysses) or at least 2 (the head-chunked path; it runs at most ``heads_per_rank``
+        chunks, so with one head per rank it saves the head layout without splitting heads)."""
+        return 1 if self.head_chunks == 1 else max(2, min(self.head_chunks, heads_per_rank))
 
     def describe(self, heads_per_rank: int) -> str:
         parts = [f"activation checkpointing {self.ac}"]
         if self.tiled:
             parts.append("tiled MLPs and norms")
-        if self.chunks_at(heads_per_rank) > 1:
-            parts.append(f"{self.chunks_at(heads_per_rank)} head chunks")
+        if self.head_chunks > 1:
+            per_chunk = -(-max(heads_per_rank, 1) // self.chunks_at(heads_per_rank))
+            parts.append(f"head-chunked exchange ({per_chunk} query head{'s' if per_chunk > 1 else ''} at a time)")
         return ", ".join(parts)
 
     def config(self, loss: str, heads_per_rank: int) -> str:
@@ -536,7 +542,7 @@ class MemoryStack:
         args = [f"activation_checkpointing={self.ac!r}"] if self.ac != "none" else []
         if self.tiled:
             args.append("tiled_tokenwise=True")
-        if self.chunks_at(heads_per_rank) > 1:
+        if self.head_chunks > 1:
             args.append(f"head_chunks={self.chunks_at(heads_per_rank)}")
         if loss == "full":
             args.append("chunked_loss=False")
