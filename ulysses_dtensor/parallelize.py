@@ -94,10 +94,11 @@ class UlyssesConfig:
             ``document_ids=`` when given; for Hugging Face models also position resets, as
             transformers itself does in one process; batches without resets keep the plain
             causal path.
-        activation_checkpointing: "none" (default), "selective" or "full", applied to each block
+        activation_checkpointing: "none" (default), "selective", "full" or "offload", applied to each block
             (``checkpointing.py``). "selective" keeps what the all-to-alls and the attention kernel
             returned and recomputes the rest, so backward re-runs no collective; "full" keeps only
-            block inputs and re-runs the forward exchanges. Leave "none" when the model already
+            block inputs and re-runs the forward exchanges; "offload" is "full" with the block
+            inputs in host memory (``offload.py``, eager only). Leave "none" when the model already
             checkpoints its blocks itself (torch, torchtitan or Hugging Face checkpointing all work).
         ring_degree: the ring factor R of the hybrid (``hybrid.py``): sp = U-way Ulysses × R-way
             ring attention. ``None`` (default): 1 (plain Ulysses) when every sp rank gets a query
