@@ -38,8 +38,7 @@ class _TiledTokenwise(torch.autograd.Function):
     def forward(ctx, fn, tile_tokens: int, x: Tensor, *params: Tensor) -> Tensor:
         ctx.fn, ctx.tile_tokens = fn, tile_tokens
         ctx.save_for_backward(x, *params)
-        x = x.detach()  # no graph is recorded here (and module hooks see no inputs needing grad)
-        return torch.cat([fn(x[:, s : s + tile_tokens]) for s in range(0, x.shape[1], tile_tokens)], dim=1)
+        return _in_tiles(fn, x.detach(), tile_tokens)  # detached: hooks see no inputs needing grad
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -61,6 +60,12 @@ class _TiledTokenwise(torch.autograd.Function):
         return (None, None, dx, *(next(by_param) if p.requires_grad else None for p in params))
 
 
+def _in_tiles(fn, x: Tensor, tile_tokens: int) -> Tensor:
+    """``fn`` of each tile of ``tile_tokens`` tokens along dim 1, concatenated (no graph kept
+    when grad mode is off)."""
+    return torch.cat([fn(x[:, s : s + tile_tokens]) for s in range(0, x.shape[1], tile_tokens)], dim=1)
+
+
 def tiled_forward(module: nn.Module, forward, x: Tensor, tile_tokens: int) -> Tensor:
     """``forward(x)`` of a token-wise ``module`` in tiles of ``tile_tokens`` along dim 1.
 
@@ -69,7 +74,7 @@ def tiled_forward(module: nn.Module, forward, x: Tensor, tile_tokens: int) -> Te
     if x.shape[1] <= tile_tokens:
         return forward(x)
     if not torch.is_grad_enabled():
-        return torch.cat([forward(x[:, s : s + tile_tokens]) for s in range(0, x.shape[1], tile_tokens)], dim=1)
+        return _in_tiles(forward, x, tile_tokens)
     return _TiledTokenwise.apply(forward, tile_tokens, x, *module.parameters())
 
 
