@@ -39,13 +39,8 @@ _copy_streams: dict = {}
 
 
 def offloaded_bytes() -> int:
-    """Bytes of block inputs held in host memory right now."""
+    """Bytes held in host memory right now: block inputs and stashed attention outputs."""
     return sum(t.untyped_storage().nbytes() for t in list(_host_copies.values()))
-
-
-def offloaded_storages() -> set[int]:
-    """``data_ptr`` of each host copy's storage alive now (to tell them from device tensors on CPU)."""
-    return {t.untyped_storage().data_ptr() for t in list(_host_copies.values())}
 
 
 class _HostCopy:
