@@ -40,6 +40,7 @@ from ulysses_dtensor.llama import Llama as GPT, LlamaConfig as GPTConfig  # noqa
 from ulysses_dtensor.bench.measure import interleaved_times, pin_to_core  # noqa: E402
 from ulysses_dtensor.bench.step_args import parse_step_args  # noqa: E402
 from ulysses_dtensor.launch import RankGroup  # noqa: E402
+from ulysses_dtensor.bench.report import pyplot, save_figure  # noqa: E402
 
 # compiled: Inductor with its scheduler overlap passes (the default); compiled_fx_pass: plus our
 # post-grad overlap pass (UlyssesConfig(compile_overlap="fx_pass"))
@@ -132,13 +133,9 @@ def _rank_bench(ctx, args: dict) -> dict:
 
 def _plot(per_rank: list[dict], path: Path) -> None:
     """Per mode and rank: median step time as a bar, its SP-overhead part stacked at the bottom."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("note: matplotlib is not installed; no plot")
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     labels, overhead, rest = [], [], []
     for mode in per_rank[0]["modes"]:
@@ -152,10 +149,7 @@ def _plot(per_rank: list[dict], path: Path) -> None:
     ax.set_ylabel("ms per step (median)")
     ax.legend(loc="lower right")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(plt, fig, path)
 
 
 def main() -> None:

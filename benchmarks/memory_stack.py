@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ulysses_dtensor.launch import RankGroup  # noqa: E402
+from ulysses_dtensor.bench.report import pyplot, save_figure  # noqa: E402
 
 MIB = 2**20
 
@@ -190,13 +191,9 @@ def _line(points: list[tuple[int, int]]) -> tuple[float, float]:
 
 
 def _plot(report: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("note: matplotlib is not installed; no plot")
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = {"today": "today: full checkpointing, full-logits loss", "loss": "chunked loss + full checkpointing",
@@ -211,10 +208,7 @@ def _plot(report: dict, path: Path) -> None:
     ax.set_title(f"HF Llama, vocab {report['config']['vocab']}, sp={report['config']['sp']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(plt, fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -31,6 +31,7 @@ from ulysses_dtensor.bench.measure import interleaved_times, pin_to_core  # noqa
 from ulysses_dtensor.bench.step_args import parse_step_args  # noqa: E402
 from ulysses_dtensor.launch import RankGroup  # noqa: E402
 from ulysses_dtensor.llama import Llama, LlamaConfig  # noqa: E402
+from ulysses_dtensor.bench.report import pyplot, save_figure  # noqa: E402
 
 MODES = ("propagation", "local", "compiled")
 
@@ -74,23 +75,16 @@ def _rank_bench(ctx, args: dict) -> dict:
 
 
 def _plot(summary: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("note: matplotlib is not installed; no plot")
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     modes = list(summary)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar(modes, [summary[m]["step_ms_median"] for m in modes], color=["tab:orange", "tab:blue", "tab:green"][: len(modes)])
     ax.set_ylabel("ms per step (median, slowest rank)")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(plt, fig, path)
 
 
 def main() -> None:

@@ -92,6 +92,9 @@ def build_hf(family: str, **overrides):
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128,
     )
+    linear_attention = dict(linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                            linear_num_key_heads=2, linear_num_value_heads=4,
+                            layer_types=["linear_attention", "full_attention"])
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     configs = {
         "llama": lambda: (T.LlamaConfig(**common), T.LlamaForCausalLM),
@@ -136,6 +139,38 @@ def build_hf(family: str, **overrides):
                             router_aux_loss_coef=0.5, **common),
             T.MixtralForCausalLM,
         ),
+        # hybrid models: attention with Gated DeltaNet, Mamba2 or short-convolution layers (test_mixers.py)
+        "qwen3-next": lambda: (
+            T.Qwen3NextConfig(head_dim=16, **linear_attention, num_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=32, shared_expert_intermediate_size=32, **common),
+            T.Qwen3NextForCausalLM,
+        ),
+        "qwen3.5": lambda: (T.Qwen3_5TextConfig(head_dim=16, **linear_attention, **common), T.Qwen3_5ForCausalLM),
+        "nemotron-h": lambda: (
+            T.NemotronHConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, layers_block_type=["mamba", "attention", "mlp"],
+                              ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=8, n_groups=2, conv_kernel=4,
+                              chunk_size=8, max_position_embeddings=128),
+            T.NemotronHForCausalLM,
+        ),
+        "zamba2": lambda: (
+            T.Zamba2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, layers_block_type=["mamba", "hybrid"],
+                           mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_ngroups=2, n_mamba_heads=4,
+                           chunk_size=8, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
+                           max_position_embeddings=128, num_mem_blocks=1),
+            T.Zamba2ForCausalLM,
+        ),
+        "lfm2": lambda: (T.Lfm2Config(conv_L_cache=3, layer_types=["conv", "full_attention"], **common), T.Lfm2ForCausalLM),
+        "recurrent-gemma": lambda: (
+            T.RecurrentGemmaConfig(num_hidden_layers=2, vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                   num_attention_heads=4, lru_width=64, block_types=["recurrent", "attention"]),
+            T.RecurrentGemmaForCausalLM,
+        ),
+        "minimax": lambda: (
+            T.MiniMaxConfig(layer_types=["linear_attention", "full_attention"], num_local_experts=2,
+                            num_experts_per_tok=1, head_dim=16, block_size=4, **common),
+            T.MiniMaxForCausalLM,
+        ),
     }
     seq2seq = dict(  # the decoders of encoder-decoder families, as causal LMs (learned positions)
         vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
@@ -164,7 +199,7 @@ def build_hf(family: str, **overrides):
         setattr(config, name, value)
     torch.manual_seed(0)
     # transformers' grouped-mm experts kernel has no float64 on CPU; its eager experts loop does
-    experts = {"experts_implementation": "eager"} if family in ("qwen3-moe", "mixtral") else {}
+    experts = {"experts_implementation": "eager"} if family in ("qwen3-moe", "mixtral", "qwen3-next", "minimax") else {}
     return cls._from_config(config, attn_implementation="sdpa", **experts).double().train()
 
 

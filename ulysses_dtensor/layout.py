@@ -164,3 +164,31 @@ class UlyssesLayout:
 
 def _width(r: HeadRange) -> int:
     return r[1] - r[0]
+
+
+def channel_ranges(num_heads: int, head_dim: int, world: int) -> list[HeadRange]:
+    """Value channels (of the flattened ``(num_heads, head_dim)``) each rank owns in the channel
+    layout of a linear-attention or state-space mixer, whose value channels evolve independently.
+
+    ``world <= num_heads``: whole heads, balanced as :func:`head_ranges`. Beyond the head count
+    every rank gets a slice of one head's channels: the ranks are spread over the heads (the
+    first heads get one extra rank) and each head's channels over its ranks, so no rank idles.
+    """
+    if world <= num_heads:
+        return [(a * head_dim, b * head_dim) for a, b in head_ranges(num_heads, world)]
+    ranks_per_head = [b - a for a, b in head_ranges(world, num_heads)]
+    if max(ranks_per_head) > head_dim:
+        raise ValueError(
+            f"sp={world} exceeds the {num_heads} heads × {head_dim} channels of a sequence mixer: "
+            "every rank needs at least one value channel"
+        )
+    ranges = []
+    for head, ranks in enumerate(ranks_per_head):
+        ranges += [(head * head_dim + a, head * head_dim + b) for a, b in head_ranges(head_dim, ranks)]
+    return ranges
+
+
+def covering_ranges(ranges: list[HeadRange], unit: int) -> list[HeadRange]:
+    """The units of size ``unit`` (heads of channels, groups of heads) each range touches:
+    [start // unit, ceil(stop / unit)), empty for an empty range."""
+    return [(a // unit, (b - 1) // unit + 1) if b > a else (0, 0) for a, b in ranges]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +41,7 @@ from .hybrid import HybridLayout, choose_ring_degree
 from .inputs import IGNORE_INDEX, check_no_padding, global_seq_len, local_slice, shift_labels
 from .layout import seq_shard_offsets, seq_shard_sizes
 from .loss import chunked_linear_cross_entropy
+from .mixers import REBOUND_RULES, find_mixers, use_ulysses_mixers
 from .mesh import check_mesh, dp_sp_mesh, sp_mesh
 from .namespaces import model_namespaces, rebound
 from .propagation import (
@@ -168,9 +170,9 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     check_compile_overlap(config.compile_overlap)
     check_memory_options(config)
     propagate = _use_propagation(model, config.propagation, sp_mesh(mesh).size())
-    _install_attention(model, propagate)
+    mixers = _install_attention(model, propagate)
     check_same_model(model, dp_sp_mesh(mesh).get_group())
-    wrapper = _SequenceParallelForward(model, mesh, config, propagate)
+    wrapper = _SequenceParallelForward(model, mesh, config, propagate, mixers)
     if config.compile_overlap == "fx_pass" and wrapper.ring_degree > 1:
         # Measured: the hybrid's compiled forward then hangs in its first all-to-all on gloo
         # (tests/test_hybrid.py); until that is understood, refuse rather than hang.
@@ -217,18 +219,27 @@ def check_memory_options(config: UlyssesConfig) -> None:
         raise ValueError(f"UlyssesConfig(tile_tokens={config.tile_tokens!r}): an integer >= 1 or None")
 
 
-def _install_attention(model: nn.Module, propagate: bool) -> None:
+def _install_attention(model: nn.Module, propagate: bool) -> dict[str, int]:
     """Refuse models we cannot make exact; route the attention that SDPA rewriting does not see
-    (HF masks on the local path, torchtitan flex modules, direct flex_attention calls) to Ulysses."""
+    (HF masks on the local path, torchtitan flex modules, direct flex_attention calls) and the
+    other sequence mixers (``mixers.py``) to Ulysses. Returns the mixer kinds found, with counts."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model.forward, _SequenceParallelForward):
         raise ValueError(f"{type(model).__name__} is already parallelized")
+    mixers = find_mixers(model)  # refuses sequence mixers we do not know
+    if mixers and not propagate:
+        raise ValueError(
+            f"{type(model).__name__} has {', '.join(sorted({k for kinds in mixers.values() for k in kinds}))} "
+            "layers, which run on the propagation path only: UlyssesConfig(propagation=False) is not supported "
+            "for them"
+        )
     if hf.is_hf_model(model):
         hf.use_ulysses_attention(model, refuse_windows=not propagate)
     if propagate:
         experts = hf.expert_count(model) if hf.is_hf_model(model) else None
-        if not use_local_moe(model) and experts:
+        has_experts = any(re.search(r"moe|expert", type(m).__name__, re.IGNORECASE) for m in model.modules())
+        if not use_local_moe(model) and experts and has_experts:  # (a config may name experts no layer uses)
             raise ValueError(
                 f"{type(model).__name__} routes tokens to {experts} experts, but no MoE block (a module "
                 "with `gate` and `experts`) was found to run on local tokens; refused rather than "
@@ -236,12 +247,14 @@ def _install_attention(model: nn.Module, propagate: bool) -> None:
             )
     titan.use_ulysses_attention(model)
     flex.use_ulysses_attention(model)
+    return use_ulysses_mixers(model)
 
 
 class _SequenceParallelForward:
     """The replacement ``forward``: shard inputs, global positions, rewritten attention/loss."""
 
-    def __init__(self, model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig, propagate: bool):
+    def __init__(self, model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig, propagate: bool,
+                 mixers: dict[str, int] | None = None):
         self.model_name = type(model).__name__
         self.original = model.forward
         self.config = config
@@ -277,7 +290,10 @@ class _SequenceParallelForward:
         self.module_stack: list[str] = []
         # names rebound in the model's modules for each propagated forward
         self.namespaces = model_namespaces(model)
-        self.moe_losses = {"load_balancing_loss_func": lambda original: global_load_balancing_loss(original, _moe_context)}
+        self.rebound_rules = {"load_balancing_loss_func": lambda original: global_load_balancing_loss(original, _moe_context)}
+        self.mixers = mixers or {}  # other sequence mixers found: {kind: count} (mixers.py)
+        if self.mixers:
+            self.rebound_rules.update(REBOUND_RULES)
         self.lm_head = _chunked_loss_head(model, config, propagate)
 
     @property
@@ -299,6 +315,12 @@ class _SequenceParallelForward:
                     "position buffer, so it is refused. Run it eager, or give its forward a position_ids= / "
                     "positions= argument"
                 )
+        if self.mixers:
+            raise ValueError(
+                f"parallelize_module: {self.model_name} has {', '.join(sorted(self.mixers))} layers, which run "
+                "on the propagation path only (eager, UlyssesConfig(propagation=True)); torch.compile and "
+                "propagation=False run the local-tensor path, where they are not supported yet"
+            )
         # Read once: after a graph break the rest of this call resumes eagerly, where
         # is_compiling() is False although the attention calls ran in compiled graphs.
         compiling = torch.compiler.is_compiling()
@@ -329,7 +351,7 @@ class _SequenceParallelForward:
             # The mode counts eager calls only (a count in a graph is a side effect: recompiles,
             # refused in checkpoints). Attention that ran in compiled code — blocks compiled on
             # their own, or frames of a compiled model after a graph break — is not counted.
-            if mode.attention_calls == 0 and not self.has_compiled_blocks and not _in_compiled_region():
+            if mode.attention_calls == 0 and mode.mixer_calls == 0 and not self.has_compiled_blocks and not _in_compiled_region():
                 raise RuntimeError(
                     f"parallelize_module: {self.model_name}.forward made no F.scaled_dot_product_attention "
                     "call, so its attention (e.g. a manual softmax(QK^T)) saw only this rank's tokens and "
@@ -391,7 +413,7 @@ class _SequenceParallelForward:
         )
         try:
             native = hf.propagated_forward(self.model) if self.is_hf else contextlib.nullcontext()
-            with propagation, mode, native, rebound(self.namespaces, self.moe_losses):
+            with propagation, mode, native, rebound(self.namespaces, self.rebound_rules):
                 if chunked:
                     out = self.chunked_loss_call(named, targets, propagation)
                 else:

@@ -102,6 +102,7 @@ class UlyssesFunctionMode(TorchFunctionMode):
         self.kernel = kernel
         self.documents = documents
         self.attention_calls = 0
+        self.mixer_calls = 0  # other sequence mixers (mixers.py), eager
         self.document_calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

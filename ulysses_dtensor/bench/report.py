@@ -160,15 +160,33 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(report: dict, out_dir: str) -> list[str]:
-    """time vs N and memory vs N (attention layer, largest P) and bytes vs P (largest N)."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (after a note) when matplotlib is not
+    installed (the ``plot`` extra): benchmarks write their JSON and markdown either way."""
     try:
         import matplotlib
     except ImportError:
         print("note: matplotlib is not installed; no plots (pip install matplotlib)")
-        return []
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(plt, fig, path) -> None:
+    """Write ``fig`` to ``path`` (PNG, 120 dpi) and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def plots(report: dict, out_dir: str) -> list[str]:
+    """time vs N and memory vs N (attention layer, largest P) and bytes vs P (largest N)."""
+    plt = pyplot()
+    if plt is None:
+        return []
 
     attn = [e for e in report["results"] if e["section"] == "attention"]
     if not attn:
