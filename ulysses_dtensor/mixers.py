@@ -26,6 +26,7 @@ state at every document start.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from dataclasses import dataclass
@@ -334,11 +335,17 @@ REBOUND_RULES = {
 
 def mixer_kinds(module: nn.Module) -> list[str]:
     """The mixer kinds whose function ``module``'s own forward calls (read from its source)."""
+    return list(_forward_mixer_kinds(type(module).forward))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_mixer_kinds(forward: Callable) -> tuple[str, ...]:
+    # once per forward function: a model has many instances of few module classes
     try:
-        source = inspect.getsource(type(module).forward)
+        source = inspect.getsource(forward)
     except (OSError, TypeError):
-        return []
-    return [kind for name, kind in MIXER_FUNCTIONS.items() if re.search(rf"\b{name}\(", source)]
+        return ()
+    return tuple(kind for name, kind in MIXER_FUNCTIONS.items() if re.search(rf"\b{name}\(", source))
 
 
 def find_mixers(model: nn.Module) -> dict[nn.Module, list[str]]:
@@ -408,11 +415,11 @@ def run_mixer_on_local_tokens(module: nn.Module, kinds: list[str]) -> None:
     module.forward = forward_on_local_tokens
 
 
-def use_ulysses_mixers(model: nn.Module) -> dict[str, int]:
-    """Run the model's sequence mixers on local tokens (their kernels rebound per forward:
-    :data:`REBOUND_RULES`); returns how many modules of each kind were found."""
+def use_ulysses_mixers(mixers: dict[nn.Module, list[str]]) -> dict[str, int]:
+    """Run the sequence mixers :func:`find_mixers` found on local tokens (their kernels rebound
+    per forward: :data:`REBOUND_RULES`); returns how many modules of each kind there are."""
     counts: dict[str, int] = {}
-    for module, kinds in find_mixers(model).items():
+    for module, kinds in mixers.items():
         run_mixer_on_local_tokens(module, kinds)
         for kind in kinds:
             counts[kind] = counts.get(kind, 0) + 1

@@ -247,7 +247,7 @@ def _install_attention(model: nn.Module, propagate: bool) -> dict[str, int]:
             )
     titan.use_ulysses_attention(model)
     flex.use_ulysses_attention(model)
-    return use_ulysses_mixers(model)
+    return use_ulysses_mixers(mixers)
 
 
 class _SequenceParallelForward:
