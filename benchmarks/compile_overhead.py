@@ -3,7 +3,7 @@
     python benchmarks/compile_overhead.py --seq-len 8192 --sp 2 --steps 5
 
 Each of ``sp`` local gloo ranks (1 thread each, pinned to its own core) trains
-``ulysses_dtensor/llama.py`` (forward + backward, float32, FSDP off so only Ulysses communicates)
+``ulysses_dtensor/tools/llama.py`` (forward + backward, float32, FSDP off so only Ulysses communicates)
 on its N/sp tokens, in each mode of ``--modes``: eager; compiled (Inductor with its scheduler
 overlap passes, the default); compiled_fx_pass (plus our post-grad overlap pass,
 ``UlyssesConfig(compile_overlap="fx_pass")``). Per mode: the median step time over ``--steps``
@@ -36,11 +36,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ulysses_dtensor.llama import Llama as GPT, LlamaConfig as GPTConfig  # noqa: E402
-from ulysses_dtensor.bench.measure import interleaved_times, pin_to_core  # noqa: E402
-from ulysses_dtensor.bench.step_args import parse_step_args  # noqa: E402
-from ulysses_dtensor.launch import RankGroup  # noqa: E402
-from ulysses_dtensor.bench.report import pyplot, save_figure  # noqa: E402
+from ulysses_dtensor.tools.llama import Llama as GPT, LlamaConfig as GPTConfig  # noqa: E402
+from ulysses_dtensor.tools.bench.measure import interleaved_times, pin_to_core  # noqa: E402
+from ulysses_dtensor.tools.bench.step_args import parse_step_args  # noqa: E402
+from ulysses_dtensor.tools.rank_group import RankGroup  # noqa: E402
+from ulysses_dtensor.tools.bench.report import pyplot, save_figure  # noqa: E402
 
 # compiled: Inductor with its scheduler overlap passes (the default); compiled_fx_pass: plus our
 # post-grad overlap pass (UlyssesConfig(compile_overlap="fx_pass"))

@@ -39,8 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ulysses_dtensor.launch import RankGroup  # noqa: E402
-from ulysses_dtensor.bench.report import pyplot, save_figure  # noqa: E402
+from ulysses_dtensor.tools.rank_group import RankGroup  # noqa: E402
+from ulysses_dtensor.tools.bench.report import pyplot, save_figure  # noqa: E402
 
 MIB = 2**20
 

@@ -27,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ulysses_dtensor.launch import RankGroup  # noqa: E402
-from ulysses_dtensor.bench.report import pyplot, save_figure  # noqa: E402
+from ulysses_dtensor.tools.rank_group import RankGroup  # noqa: E402
+from ulysses_dtensor.tools.bench.report import pyplot, save_figure  # noqa: E402
 
 KINDS = ("Gated DeltaNet", "Mamba2", "short convolution")
 HIDDEN, VOCAB, BATCH = 256, 512, 1
@@ -86,7 +86,7 @@ def minimum_bytes(kind: str, config, group, rank: int, seq_len: int) -> int:
 
 def _rank_step(ctx, kind: str, seq_len: int, steps: int, parallel: bool) -> dict:
     import ulysses_dtensor as U
-    from ulysses_dtensor.bench.measure import interleaved_times, peak_tensor_bytes
+    from ulysses_dtensor.tools.bench.measure import interleaved_times, peak_tensor_bytes
 
     model = build(kind)
     if parallel:

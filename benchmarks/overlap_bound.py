@@ -32,8 +32,8 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ulysses_dtensor.bench.measure import pin_to_core, unpin  # noqa: E402
-from ulysses_dtensor.launch import RankGroup  # noqa: E402
+from ulysses_dtensor.tools.bench.measure import pin_to_core, unpin  # noqa: E402
+from ulysses_dtensor.tools.rank_group import RankGroup  # noqa: E402
 
 MiB = 1 << 20
 

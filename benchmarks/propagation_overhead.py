@@ -2,7 +2,7 @@
 
     python benchmarks/propagation_overhead.py --seq-len 4096 --sp 2 --steps 5 --rounds 3
 
-Each of ``sp`` local gloo ranks (one core each) trains ``ulysses_dtensor/llama.py`` (forward +
+Each of ``sp`` local gloo ranks (one core each) trains ``ulysses_dtensor/tools/llama.py`` (forward +
 backward, float32, FSDP off so only Ulysses communicates) on its N/sp tokens, in each mode:
 
 * ``propagation``: the default path, the forward on ``Shard(seq)`` DTensors (``propagation.py``);
@@ -27,11 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ulysses_dtensor.bench.measure import interleaved_times, pin_to_core  # noqa: E402
-from ulysses_dtensor.bench.step_args import parse_step_args  # noqa: E402
-from ulysses_dtensor.launch import RankGroup  # noqa: E402
-from ulysses_dtensor.llama import Llama, LlamaConfig  # noqa: E402
-from ulysses_dtensor.bench.report import pyplot, save_figure  # noqa: E402
+from ulysses_dtensor.tools.bench.measure import interleaved_times, pin_to_core  # noqa: E402
+from ulysses_dtensor.tools.bench.step_args import parse_step_args  # noqa: E402
+from ulysses_dtensor.tools.rank_group import RankGroup  # noqa: E402
+from ulysses_dtensor.tools.llama import Llama, LlamaConfig  # noqa: E402
+from ulysses_dtensor.tools.bench.report import pyplot, save_figure  # noqa: E402
 
 MODES = ("propagation", "local", "compiled")
 

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make `ulysses_dtensor` importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ulysses_dtensor as U  # noqa: E402
-from ulysses_dtensor.launch import RankGroup  # noqa: E402
+from ulysses_dtensor.tools.rank_group import RankGroup  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -100,8 +100,8 @@ def build_model(opts: Options) -> torch.nn.Module:
 def memory_config(opts: Options, sp: int) -> U.UlyssesConfig:
     """``UlyssesConfig`` with the memory stack ``--memory-stack`` asks for (the planner's Llama
     model of this HF config decides "auto")."""
-    from ulysses_dtensor.llama import LlamaConfig
-    from ulysses_dtensor.planner import MemoryStack, choose_stack, device_memory_cap, memory_stacks
+    from ulysses_dtensor.tools.llama import LlamaConfig
+    from ulysses_dtensor.tools.planner import MemoryStack, choose_stack, device_memory_cap, memory_stacks
 
     shape = LlamaConfig(vocab_size=opts.vocab, dim=opts.dim, n_layers=opts.layers, n_heads=opts.heads,
                         n_kv_heads=opts.kv_heads, ffn_dim=4 * opts.dim)
@@ -165,7 +165,7 @@ def train(opts: Options, mesh=None, log: Callable[[str], None] | None = print) -
 
 
 def train_on_rank(ctx, opts: Options) -> list[float]:
-    """One rank of a :class:`~ulysses_dtensor.launch.RankGroup` (all its ranks): train on the
+    """One rank of a :class:`~ulysses_dtensor.tools.rank_group.RankGroup` (all its ranks): train on the
     (dp, sp) mesh of the whole group; rank 0 prints."""
     mesh = U.init_mesh(dp=opts.dp, device_type="cpu")
     return train(opts, mesh, log=print if ctx.rank == 0 else None)

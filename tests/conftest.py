@@ -3,7 +3,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from ulysses_dtensor.launch import RankGroup
+from ulysses_dtensor.tools.rank_group import RankGroup
 
 # Derandomized: every run (and every rank) sees the same examples; failures reproduce.
 settings.register_profile(

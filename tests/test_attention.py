@@ -12,7 +12,7 @@ from helpers import TOL, assert_out_and_grads_match, attention_inputs, make_mask
 from ulysses_dtensor import CollectiveCounter, UlyssesLayout, hybrid_attention, ulysses_attention
 from ulysses_dtensor.head_chunks import chunk_head_ranges
 from ulysses_dtensor.kernels import flash_attn_available
-from ulysses_dtensor.launch import RankFailure
+from ulysses_dtensor.tools.rank_group import RankFailure
 
 
 def _rank_attention(ctx, q, k, v, grad_out, kwargs):

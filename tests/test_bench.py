@@ -14,9 +14,9 @@ import math
 
 import pytest
 
-from ulysses_dtensor.bench.baselines import IMPLEMENTATIONS, deepspeed_available
-from ulysses_dtensor.bench.report import write_outputs
-from ulysses_dtensor.bench.suite import BenchConfig, run_suite
+from ulysses_dtensor.tools.bench.baselines import IMPLEMENTATIONS, deepspeed_available
+from ulysses_dtensor.tools.bench.report import write_outputs
+from ulysses_dtensor.tools.bench.suite import BenchConfig, run_suite
 
 FP32_TOL = 1e-5
 
@@ -124,7 +124,7 @@ def _smoke_step_args(ctx, modes: list[str]) -> dict:
 
 
 def _rank_compile_overhead(ctx):
-    from ulysses_dtensor.bench.measure import unpin
+    from ulysses_dtensor.tools.bench.measure import unpin
     from ulysses_dtensor.compile import enable_comm_overlap
 
     module = _load_benchmark("compile_overhead")
@@ -149,7 +149,7 @@ def test_compile_overhead_script_measures_every_mode(ranks4):
 
 
 def _rank_propagation_overhead(ctx):
-    from ulysses_dtensor.bench.measure import unpin
+    from ulysses_dtensor.tools.bench.measure import unpin
 
     module = _load_benchmark("propagation_overhead")
     args = _smoke_step_args(ctx, ["propagation", "local"])

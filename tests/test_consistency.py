@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import ulysses_dtensor as U
-from ulysses_dtensor.launch import RankFailure
-from ulysses_dtensor.llama import Llama, LlamaConfig
+from ulysses_dtensor.tools.rank_group import RankFailure
+from ulysses_dtensor.tools.llama import Llama, LlamaConfig
 
 
 def _parallelize(ctx, seed_by_rank: bool, dim_by_rank: bool):

@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from ulysses_dtensor.cli import main
-from ulysses_dtensor.demo import DemoConfig, run_demo
+from ulysses_dtensor.tools.cli import main
+from ulysses_dtensor.tools.demo import DemoConfig, run_demo
 
 
 def test_demo_reports_exact_and_minimal_uneven_shapes():

@@ -7,8 +7,8 @@ import pathlib
 import re
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# the library's source with adjacent string literals joined ("abc "\n    f"def" -> "abc def")
-LIBRARY = re.sub(r"[\"']\s*\n\s*f?[\"']", "", "\n".join(p.read_text() for p in (ROOT / "ulysses_dtensor").glob("*.py")))
+# the package's source (library and tools) with adjacent string literals joined ("abc "\n    f"def" -> "abc def")
+LIBRARY = re.sub(r"[\"']\s*\n\s*f?[\"']", "", "\n".join(p.read_text() for p in (ROOT / "ulysses_dtensor").rglob("*.py")))
 
 
 def _rows():

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from ulysses_dtensor.train import run_train
+from ulysses_dtensor.tools.train import run_train
 from test_train import SMALL, _cli, _losses, _small_args, reference  # noqa: F401  (fixture)
 
 

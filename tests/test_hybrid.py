@@ -17,7 +17,7 @@ from helpers import TOL, assert_out_and_grads_match, attention_inputs, make_mask
 from test_attention import _rank_attention
 from test_packed import ids_from_lengths, per_document_attention
 from ulysses_dtensor.hybrid import choose_ring_degree, hybrid_attention, hybrid_elements_sent, ulysses_shards
-from ulysses_dtensor.launch import RankGroup
+from ulysses_dtensor.tools.rank_group import RankGroup
 from ulysses_dtensor.ring import BlockMask
 
 
@@ -137,7 +137,7 @@ def _rank_refuse(ctx, kind):
     ("dropout", "no dropout"), ("blockmask", "tensor attn_mask"), ("shapes", "local sequence lengths differ"),
 ])
 def test_refusals_before_any_collective(ranks8, kind, message):
-    from ulysses_dtensor.launch import RankFailure
+    from ulysses_dtensor.tools.rank_group import RankFailure
 
     with pytest.raises(RankFailure, match=message) as info:
         ranks8.run(_rank_refuse, kind, world=4)
@@ -154,7 +154,7 @@ def _rank_train_llama(ctx, heads, kv_heads, N, steps, dtype, ring_degree):
     import io
 
     import ulysses_dtensor as U
-    from ulysses_dtensor.llama import Llama, LlamaConfig
+    from ulysses_dtensor.tools.llama import Llama, LlamaConfig
 
     torch.manual_seed(0)
     ref = Llama(LlamaConfig(vocab_size=64, max_seq_len=N, dim=32, n_layers=2, n_heads=heads, n_kv_heads=kv_heads)).to(dtype)
@@ -200,7 +200,7 @@ def test_ring_degree_override_and_refusal(ranks8):
     results = ranks8.run(_rank_train_llama, 8, 2, 40, 1, torch.float64, 2, world=4)  # forced hybrid, 8 heads
     assert all(r[3] == 2 and r[1] <= 1e-10 for r in results)
     assert "hybrid 2-way Ulysses (all-to-all) × 2-way ring attention (zigzag-balanced)" in results[0][2]
-    from ulysses_dtensor.launch import RankFailure
+    from ulysses_dtensor.tools.rank_group import RankFailure
 
     with pytest.raises(RankFailure, match=r"ring_degree=3\) must be a positive divisor of the sp degree 4"):
         ranks8.run(_rank_train_llama, 4, 2, 40, 1, torch.float64, 3, world=4)
@@ -250,7 +250,7 @@ def _rank_compiled_hybrid(ctx, backend):
     import copy
 
     import ulysses_dtensor as U
-    from ulysses_dtensor.llama import Llama, LlamaConfig
+    from ulysses_dtensor.tools.llama import Llama, LlamaConfig
 
     torch.manual_seed(0)
     ref = Llama(LlamaConfig(vocab_size=64, max_seq_len=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1)).double()
@@ -306,7 +306,7 @@ def test_rank_without_tokens(ranks8, ring):
 
 def _rank_overlap_pass_refused(ctx):
     import ulysses_dtensor as U
-    from ulysses_dtensor.llama import Llama, LlamaConfig
+    from ulysses_dtensor.tools.llama import Llama, LlamaConfig
 
     model = Llama(LlamaConfig(vocab_size=64, max_seq_len=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
     try:

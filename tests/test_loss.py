@@ -73,7 +73,7 @@ def _rank_llama_chunked_loss(ctx, propagation: bool, N: int):
 
     import ulysses_dtensor as U
     from helpers import summed_grad_error
-    from ulysses_dtensor.llama import Llama, llama_config
+    from ulysses_dtensor.tools.llama import Llama, llama_config
 
     torch.manual_seed(0)
     ref = Llama(llama_config("tiny", vocab_size=50, max_seq_len=64)).double()

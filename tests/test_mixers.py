@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from helpers import rel_err
 from test_packed import ids_from_lengths
 from test_zoo import VOCAB, _causal_lm_loss, build_hf
-from ulysses_dtensor.launch import RankFailure, RankGroup
+from ulysses_dtensor.tools.rank_group import RankFailure, RankGroup
 from ulysses_dtensor.layout import channel_ranges, seq_shard_sizes
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}

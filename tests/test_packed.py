@@ -446,7 +446,7 @@ VOCAB = 64
 
 
 def _llama(dtype):
-    from ulysses_dtensor.llama import Llama, LlamaConfig
+    from ulysses_dtensor.tools.llama import Llama, LlamaConfig
 
     torch.manual_seed(0)
     return Llama(LlamaConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)).to(dtype)
@@ -462,7 +462,7 @@ def _grad_errors(model, ref):
 
 
 def _rank_llama_packed(ctx, row_lengths, dtype):
-    """ulysses_dtensor.llama.Llama, parallelized, on a packed batch given by document_ids= vs the
+    """ulysses_dtensor.tools.llama.Llama, parallelized, on a packed batch given by document_ids= vs the
     same model run on every document separately (logits concatenated, the same loss)."""
     import ulysses_dtensor as U
 

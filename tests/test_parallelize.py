@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import rel_err
-from ulysses_dtensor.llama import Llama as GPT, LlamaConfig as GPTConfig
-from ulysses_dtensor.launch import RankFailure
+from ulysses_dtensor.tools.llama import Llama as GPT, LlamaConfig as GPTConfig
+from ulysses_dtensor.tools.rank_group import RankFailure
 from ulysses_dtensor.layout import seq_shard_sizes
 
 VOCAB = 96
@@ -333,7 +333,7 @@ def _rank_parallel_style(ctx, N):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor.parallel import parallelize_module as torch_parallelize
 
-    from ulysses_dtensor.llama import Attention
+    from ulysses_dtensor.tools.llama import Attention
     from ulysses_dtensor import UlyssesAttention
 
     torch.manual_seed(0)

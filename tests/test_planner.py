@@ -18,10 +18,10 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from ulysses_dtensor.cli import main
+from ulysses_dtensor.tools.cli import main
 from ulysses_dtensor.layout import UlyssesLayout
-from ulysses_dtensor.llama import FLAVORS, Llama, llama_config
-from ulysses_dtensor.planner import (
+from ulysses_dtensor.tools.llama import FLAVORS, Llama, llama_config
+from ulysses_dtensor.tools.planner import (
     GIB, MemoryStack, PlanError, estimate, format_plan, fsdp_units, longest_sequence, memory_stacks, parse_length,
     parse_model, plan, shard_numel,
 )
@@ -219,7 +219,7 @@ def test_bytes_match_a_real_train_run(tmp_path):
     """The train job's own per-rank counts (metrics.jsonl's bytes_sent and all_to_all_bytes).
     (dp=2 gives 1,784,652 B per rank, also exact — docs/performance.md — but costs 20 s here; FSDP
     over 3 and 4 ranks, uneven heads and sequences: test_memory_and_bytes_of_a_parallelized_step.)"""
-    from ulysses_dtensor.train import TrainConfig, run_train
+    from ulysses_dtensor.tools.train import TrainConfig, run_train
 
     dp = 1
     cfg = TrainConfig(sp=2, dp=dp, model="tiny", seq_len=256, curriculum="256:3", tokens_per_step=512,

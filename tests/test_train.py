@@ -17,9 +17,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ulysses_dtensor.data import RetrievalTask, step_generator
+from ulysses_dtensor.tools.data import RetrievalTask, step_generator
 from ulysses_dtensor.layout import seq_shard_offsets, seq_shard_sizes
-from ulysses_dtensor.train import TrainConfig, build_phases, run_train
+from ulysses_dtensor.tools.train import TrainConfig, build_phases, run_train
 
 SMALL = TrainConfig(
     sp=2, dp=1, seq_len=128, curriculum="64:4,128:12", tokens_per_step=256, dtype="float64",
@@ -132,15 +132,15 @@ def test_memory_stack_is_exact_and_counts_its_minimum(reference, tmp_path):
 def test_memory_stack_auto_follows_the_cap():
     """"auto" options: no cap on CPU gives the cheapest stack; a cap the plain step exceeds gives
     the cheapest that fits it by the planner's estimate."""
-    from ulysses_dtensor.data import RetrievalTask
-    from ulysses_dtensor.train import resolve_memory_stack
+    from ulysses_dtensor.tools.data import RetrievalTask
+    from ulysses_dtensor.tools.train import resolve_memory_stack
 
     task = RetrievalTask()
     plain = resolve_memory_stack(replace(SMALL, dtype="float32"), task)
     assert (plain.activation_checkpointing, plain.tiled_tokenwise, plain.head_chunks) == ("none", "no", 1)
     long = replace(SMALL, dtype="float32", seq_len=2**16, curriculum="65536:1", tokens_per_step=2**16, model="small")
-    from ulysses_dtensor.planner import estimate
-    from ulysses_dtensor.llama import llama_config
+    from ulysses_dtensor.tools.planner import estimate
+    from ulysses_dtensor.tools.llama import llama_config
 
     model = llama_config("small", vocab_size=task.vocab_size)
     none = estimate(model, 2**16, 1, 2, ac="none", precision="float32", loss="full").peak

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from helpers import LargestTensor, rel_err, summed_grad_error
 from zoo_models import NanoGPT
 from ulysses_dtensor.hf import standard_lm_head
-from ulysses_dtensor.launch import RankFailure
+from ulysses_dtensor.tools.rank_group import RankFailure
 
 VOCAB = 96
 TOL = 1e-10

@@ -9,7 +9,7 @@ The recipe, in order:
    Ulysses attention and every mean cross-entropy into the global token-weighted mean; MoE blocks
    run on local tokens (``tokenwise.py``). Under torch.compile, or with ``propagation=False``,
    the forward runs on plain local shards instead, with global positions injected;
-3. activation checkpointing of each transformer block, if asked (``checkpointing.py``);
+3. activation checkpointing of each transformer block, if asked (``activation_checkpoint.py``);
 4. FSDP2 ``fully_shard`` per transformer block and on the root over all dp × sp ranks.
 
 The forward wrapper is an instance attribute, so the model keeps its class, its methods and its
@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils._pytree import tree_map_only
 
 from . import flex, hf, titan
-from .checkpointing import check_mode as check_checkpointing_mode, checkpoint_blocks
+from .activation_checkpoint import check_mode as check_checkpointing_mode, checkpoint_blocks
 from .compile import check_compile_overlap, enable_comm_overlap
 from .consistency import check_same_input_shapes, check_same_model
 from .documents import Documents
@@ -47,7 +47,7 @@ from .namespaces import model_namespaces, rebound
 from .propagation import (
     SequenceCollectiveGuard, SequencePropagation, local_of, shard_sequence, track_modules,
 )
-from .recompute import reenter_rewrite_on_recompute
+from .activation_checkpoint import reenter_rewrite_on_recompute
 from .rewrite import UlyssesFunctionMode, running_mode
 from .tiling import tile_tokenwise
 from .tokenwise import global_load_balancing_loss, use_local_moe
@@ -97,7 +97,7 @@ class UlyssesConfig:
             transformers itself does in one process; batches without resets keep the plain
             causal path.
         activation_checkpointing: "none" (default), "selective", "full" or "offload", applied to each block
-            (``checkpointing.py``). "selective" keeps what the all-to-alls and the attention kernel
+            (``activation_checkpoint.py``). "selective" keeps what the all-to-alls and the attention kernel
             returned and recomputes the rest, so backward re-runs no collective; "full" keeps only
             block inputs and re-runs the forward exchanges; "offload" is "full" with the block
             inputs in host memory (``offload.py``, eager only). Leave "none" when the model already

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .comm_counter import CollectiveCounter
-from .inputs import local_slice
-from .layout import UlyssesLayout
+from ..comm_counter import CollectiveCounter
+from ..inputs import local_slice
+from ..layout import UlyssesLayout
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
@@ -50,7 +50,7 @@ def _inputs(cfg: DemoConfig):
 
 
 def _rank_demo(ctx, cfg: DemoConfig):
-    from .attention import ulysses_attention
+    from ..attention import ulysses_attention
 
     # every rank draws the same global inputs from the seed and keeps its tokens
     q, k, v, grad_out = (local_slice(t, ctx.rank, ctx.world, cfg.seq_len, dim=2) for t in _inputs(cfg))
@@ -77,7 +77,7 @@ def _rank_demo(ctx, cfg: DemoConfig):
 
 def run_demo(cfg: DemoConfig, out=sys.stdout) -> bool:
     """Run the demo; print the report to ``out``; return True when every check passes."""
-    from .launch import RankGroup
+    from .rank_group import RankGroup
 
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
     say(f"ulysses-dtensor demo: {asdict(cfg)}")

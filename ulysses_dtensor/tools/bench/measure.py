@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..comm_counter import CollectiveCounter
+from ...comm_counter import CollectiveCounter
 from .baselines import ATTENTION_KINDS, AttentionShape, build, local_tokens, theoretical_bytes, unsupported_reason
 
 Tensor = torch.Tensor

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ulysses_dtensor.launch import RankFailure, RankGroup
+from ulysses_dtensor.tools.rank_group import RankFailure, RankGroup
 
 
 def _raise_on_rank_one(ctx):

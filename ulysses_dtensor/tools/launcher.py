@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from .launch import RankFailure
+from .rank_group import RankFailure
 
 
 def under_torchrun() -> bool:

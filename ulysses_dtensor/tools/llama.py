@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .loss import linear_cross_entropy
+from ..loss import linear_cross_entropy
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ A small analytic model of *this* package's training step (``parallelize_module``
   of the rank's ring block, plus the ring's blocks in flight in the backward workspace.
   Activation checkpointing keeps only the block inputs (``full``) or the block inputs and the
   attention tensors (``selective``: neither the attention kernel nor the all-to-all is re-run);
-  both are ``UlyssesConfig(activation_checkpointing=...)`` (``checkpointing.py``);
+  both are ``UlyssesConfig(activation_checkpointing=...)`` (``activation_checkpoint.py``);
 * **logits** of the ``T`` tokens (held by the training loop);
 * **backward peak**, the larger of two moments: the loss backward (fp32 log-probabilities saved
   by the cross-entropy and the fp32 gradients of log-probs and logits) and a block backward (the
@@ -43,11 +43,11 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 
-from .hybrid import HybridLayout, choose_ring_degree, hybrid_elements_sent
-from .layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
+from ..hybrid import HybridLayout, choose_ring_degree, hybrid_elements_sent
+from ..layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
 from .llama import FLAVORS, LlamaConfig, llama_config
-from .loss import default_chunk_tokens
-from .ring import SCORE_CHUNK_ELEMENTS
+from ..loss import default_chunk_tokens
+from ..ring import SCORE_CHUNK_ELEMENTS
 
 GIB = 2**30
 AC_MODES = ("none", "selective", "full", "offload")

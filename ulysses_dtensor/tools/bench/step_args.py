@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def parse_step_args(doc: str, modes: tuple[str, ...], seq_len: int, out: Path) -> dict:
-    """Parse the options of a benchmark timing a GPT step (``ulysses_dtensor/llama.py``) in
+    """Parse the options of a benchmark timing a GPT step (``ulysses_dtensor/tools/llama.py``) in
     several ``modes`` on ``--sp`` local ranks; ``--modes`` is checked against ``modes``."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=seq_len)

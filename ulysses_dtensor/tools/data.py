@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .inputs import IGNORE_INDEX
-from .layout import seq_shard_offsets, seq_shard_sizes
+from ..inputs import IGNORE_INDEX
+from ..layout import seq_shard_offsets, seq_shard_sizes
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:

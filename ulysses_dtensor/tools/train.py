@@ -2,7 +2,7 @@
 
 Launches its own ranks (gloo on CPU, NCCL on GPU) or runs under ``torchrun``; builds the
 (dp, sp) mesh, the model, ``parallelize_module`` (FSDP2 over dp × sp) and AdamW; trains on the
-embedded retrieval task (:class:`~ulysses_dtensor.data.RetrievalTask`) with a length curriculum
+embedded retrieval task (:class:`~ulysses_dtensor.tools.data.RetrievalTask`) with a length curriculum
 up to ``seq_len``, or on a local text; evaluates; checkpoints with torch DCP and resumes exactly,
 also on another (dp, sp) layout.
 """
@@ -21,15 +21,15 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .checkpointing import MODES as CHECKPOINTING_MODES
-from .comm_counter import CollectiveCounter
+from ..activation_checkpoint import MODES as CHECKPOINTING_MODES
+from ..comm_counter import CollectiveCounter
 from .data import RetrievalTask, TextTask, step_generator
-from .hybrid import hybrid_elements_sent
-from .inputs import IGNORE_INDEX, local_slice
-from .layout import UlyssesLayout
+from ..hybrid import hybrid_elements_sent
+from ..inputs import IGNORE_INDEX, local_slice
+from ..layout import UlyssesLayout
 from .llama import Llama, llama_config
-from .mesh import init_mesh
-from .parallelize import UlyssesConfig, parallelize_module
+from ..mesh import init_mesh
+from ..parallelize import UlyssesConfig, parallelize_module
 from .progress import Progress
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -394,7 +394,7 @@ def write_outputs(cfg: TrainConfig, summary: dict) -> list[str]:
 def run_train(cfg: TrainConfig) -> dict:
     """Check the options, run :func:`train_rank` on dp × sp ranks (own processes, or the ranks of
     a surrounding torchrun), write the outputs; returns rank 0's summary."""
-    from .spawn import init_from_env, run_ranks, under_torchrun
+    from .launcher import init_from_env, run_ranks, under_torchrun
 
     task = make_task(cfg)
     check_config(cfg, task, build_phases(cfg))

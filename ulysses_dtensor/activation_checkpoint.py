@@ -16,6 +16,16 @@
 ``"selective"`` and ``"full"`` wrap each block in torch's ``checkpoint_wrapper`` (non-reentrant),
 so they work eagerly and under ``torch.compile`` (whole model or per block), and FSDP2 shards the
 wrapped blocks; ``"offload"`` replaces the block's forward (same module, same state-dict names).
+
+Recompute inside the rewrite (:func:`reenter_rewrite_on_recompute`, for our modes and for the
+checkpointing a model does itself): ``parallelize_module`` rewrites attention while the model's forward runs (a TorchFunctionMode).
+Activation checkpointing (torch's ``checkpoint``/``checkpoint_wrapper``, torchtitan's, Hugging
+Face's ``gradient_checkpointing_enable()``) recomputes a block during backward, outside that
+mode, where attention would see only this rank's tokens (torch then fails with
+``CheckpointError``, or worse). Each block remembers the mode of its last forward and enters it
+again when it runs inside the autograd engine, i.e. when it is recomputed. The block's children
+are wrapped too: Hugging Face checkpoints inside the class's forward, so its recompute calls the
+class function and reaches our wrapper only at the children (the attention module among them).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from .offload import offload_block_inputs
+from .rewrite import running_mode
 
 MODES = ("none", "selective", "full", "offload")
 
@@ -107,3 +118,36 @@ def checkpoint_blocks(model: nn.Module, blocks: list[nn.Module], mode: str) -> l
     )
     wrapper_of = {id(m._checkpoint_wrapped_module): m for m in model.modules() if isinstance(m, CheckpointWrapper)}
     return [wrapper_of[id(b)] for b in blocks]
+
+def _inner(block: nn.Module) -> nn.Module:
+    """The module a checkpoint wrapper recomputes (torch's CheckpointWrapper keeps it here)."""
+    return getattr(block, "_checkpoint_wrapped_module", block)
+
+
+def reenter_rewrite_on_recompute(blocks: list[nn.Module]) -> None:
+    """Wrap the forward of each block and of its children so that a recompute during backward
+    runs in the mode of the forward it repeats.
+
+    Limit: the mode remembered is the block's last forward's, so several forwards of different
+    sequence lengths before one backward (with checkpointing) are not supported."""
+    modules = []
+    for block in map(_inner, blocks):
+        modules += [block, *block.children()]
+    for module in modules:
+        forward = module.forward
+        remembered: dict = {}
+
+        def forward_in_rewrite(*args, _forward=forward, _remembered=remembered, **kwargs):
+            if torch.compiler.is_compiling():
+                # a compiled checkpoint recomputes from its graph, which holds the rewrite already
+                return _forward(*args, **kwargs)
+            mode = running_mode()
+            if mode is not None:  # the forward itself
+                _remembered["mode"] = mode
+                return _forward(*args, **kwargs)
+            if "mode" not in _remembered or torch._C._current_graph_task_id() == -1:
+                return _forward(*args, **kwargs)  # not a recompute (or never ran under the rewrite)
+            with _remembered["mode"]:
+                return _forward(*args, **kwargs)
+
+        module.forward = forward_in_rewrite

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..launch import RankGroup
+from ..rank_group import RankGroup
 from ..llama import LlamaConfig
 from .baselines import IMPLEMENTATIONS, AttentionShape, deepspeed_available
 from .measure import attention_case

@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..attention import ulysses_attention
-from ..hybrid import choose_ring_degree, hybrid_attention, hybrid_elements_sent
-from ..ring import merge_partials
-from ..layout import UlyssesLayout, seq_shard_offsets, seq_shard_sizes
+from ...attention import ulysses_attention
+from ...hybrid import choose_ring_degree, hybrid_attention, hybrid_elements_sent
+from ...ring import merge_partials
+from ...layout import UlyssesLayout, seq_shard_offsets, seq_shard_sizes
 
 Tensor = torch.Tensor
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
