@@ -1,4 +1,8 @@
-"""What torch.compile makes of a parallelized model: graph breaks and the collectives in its graphs.
+"""torch.compile of a parallelized model: per-block compile, overlap settings, collectives counted.
+
+``UlyssesConfig(compile=True)`` compiles each transformer block on its own with ``fullgraph=True``
+(:func:`compile_blocks`), after activation checkpointing and before FSDP2 (torchtitan's order):
+the blocks are identical, so one graph serves all, and FSDP2's hooks stay outside the graphs.
 
 Under torch.compile, Dynamo traces through the parallelized forward and its rewrite mode, so the
 Ulysses exchanges land in the captured graphs as functional collectives
@@ -11,8 +15,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+import torch.nn as nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 from . import overlap_pass
 from .comm_counter import COLLECTIVE_KINDS
@@ -31,6 +38,57 @@ OVERLAP_OPTIONS = {
 
 
 COMPILE_OVERLAP_MODES = ("inductor", "fx_pass", "off")
+
+
+def compile_blocks(blocks: list[nn.Module], backend: str | Callable = "inductor") -> None:
+    """``block.compile(backend=backend, fullgraph=True)`` for each block, in place.
+
+    The module stays where it is (``nn.Module.compile``), so state-dict names, FSDP2 units and
+    checkpoint wrappers are unchanged. Called after activation checkpointing (the checkpointed
+    block is what gets compiled, so the recompute is in the graph) and before FSDP2 (whose
+    ``fully_shard`` then puts its hooks around the compiled call).
+    """
+    if not blocks:
+        raise ValueError("UlyssesConfig(compile=True): no transformer blocks found (set block_classes)")
+    # A checkpointed block re-enters the rewrite mode inside its body; the push and pop are
+    # balanced, so Dynamo need not replay them at recompute (torchtitan sets the same).
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    for block in blocks:
+        block.compile(backend=backend, fullgraph=True)
+
+
+class WholeModelCompileError(torch._dynamo.exc.Unsupported, ValueError):
+    """``torch.compile(model, fullgraph=True)`` of a model whose FSDP2 hooks Dynamo cannot trace.
+    An ``Unsupported`` so that Dynamo raises it as it is, a ValueError for everyone else."""
+
+
+def refuse_fullgraph_compile_with_fsdp(model_name: str) -> None:
+    """Called from traced code (the root's input check): under ``fullgraph=True``, raise our error
+    naming ``UlyssesConfig(compile=True)`` before Dynamo reaches FSDP2's hooks and fails there with
+    its own "function marked as skipped". Without fullgraph nothing happens: Dynamo breaks the
+    graph at the hooks and the model runs (a graph per block)."""
+    from torch._dynamo.comptime import comptime
+
+    comptime(_raise_if_fullgraph)  # runs at trace time, where the tracer's flags are visible
+
+
+def _raise_if_fullgraph(ctx) -> None:
+    # the tracer's own flags: torch offers no public way to ask for fullgraph from traced code
+    tx = ctx._i_will_not_complain_if_bc_breaks_InstructionTranslator()
+    if getattr(tx, "one_graph", False) or getattr(tx, "error_on_graph_break", False):
+        model_name = ctx.get_local("model_name").as_python_constant()
+        raise WholeModelCompileError(
+            f"torch.compile(..., fullgraph=True) of the whole parallelized {model_name} with FSDP2: Dynamo "
+            "cannot trace FSDP2's hooks. Use UlyssesConfig(compile=True), which compiles each transformer "
+            "block with fullgraph=True before FSDP2 wraps it (torchtitan's order), or UlyssesConfig(fsdp=False) "
+            "to compile the whole model"
+        )
+
+
+def compiled_blocks(model: nn.Module) -> list[nn.Module]:
+    """The submodules of ``model`` compiled on their own (``nn.Module.compile`` or wrapped in
+    ``torch.compile``)."""
+    return [m for m in model.modules() if isinstance(m, OptimizedModule) or m._compiled_call_impl is not None]
 
 
 def check_compile_overlap(mode: str) -> None:

@@ -26,14 +26,13 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from torch._dynamo.eval_frame import OptimizedModule
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils._pytree import tree_map_only
 
 from . import flex, hf, titan
 from .activation_checkpoint import check_mode as check_checkpointing_mode, checkpoint_blocks
-from .compile import check_compile_overlap, enable_comm_overlap
+from .compile import check_compile_overlap, compile_blocks, compiled_blocks, enable_comm_overlap, refuse_fullgraph_compile_with_fsdp
 from .consistency import check_same_input_shapes, check_same_model
 from .documents import Documents
 from .fsdp import apply_fsdp, find_blocks
@@ -79,6 +78,12 @@ class UlyssesConfig:
         position_buffers: names of buffers indexed by position (RoPE tables sliced ``[:N]``);
             each rank sees the rows of its global positions. Default: buffers named ``*freqs_cis``.
         ignore_index: label value excluded from the loss.
+        compile: compile each transformer block with ``torch.compile(fullgraph=True)``, after
+            activation checkpointing and before FSDP2 (torchtitan's order; ``compile.compile_blocks``).
+            The blocks then run the local-tensor path (plain N/sp-token tensors; the propagation
+            path does not compile). Use this rather than ``torch.compile(model)``: with FSDP2 a
+            whole-model ``fullgraph=True`` compile stops at FSDP2's hooks.
+        compile_backend: the ``torch.compile`` backend of ``compile`` ("inductor", "aot_eager", ...).
         compile_overlap: compute/communication overlap for later ``torch.compile`` calls
             (``compile.enable_comm_overlap``): "inductor" (default) turns on Inductor's scheduler
             passes; "fx_pass" adds our post-grad graph pass (``overlap_pass.py``), which also moves
@@ -138,6 +143,8 @@ class UlyssesConfig:
     rewrite_loss: bool = True
     position_buffers: tuple[str, ...] | None = None
     ignore_index: int = IGNORE_INDEX
+    compile: bool = False
+    compile_backend: str | Callable = "inductor"
     compile_overlap: str = "inductor"
     local_attention_only: bool = False
     packed_documents: bool | None = None
@@ -169,7 +176,8 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     check_checkpointing_mode(config.activation_checkpointing, model)
     check_compile_overlap(config.compile_overlap)
     check_memory_options(config)
-    propagate = _use_propagation(model, config.propagation, sp_mesh(mesh).size())
+    check_compile_options(config)
+    propagate = _use_propagation(model, config.propagation, sp_mesh(mesh).size()) and not config.compile
     mixers = _install_attention(model, propagate)
     check_same_model(model, dp_sp_mesh(mesh).get_group())
     wrapper = _SequenceParallelForward(model, mesh, config, propagate, mixers)
@@ -193,6 +201,10 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
         tile_tokenwise(model, blocks, config.tile_tokens)
     blocks = checkpoint_blocks(model, blocks, config.activation_checkpointing)
     reenter_rewrite_on_recompute(blocks)  # activation checkpointing recomputes inside the rewrite
+    if config.compile:
+        # after activation checkpointing (the recompute is in each block's graph) and before
+        # FSDP2 (its hooks stay outside the graphs)
+        compile_blocks(blocks, config.compile_backend)
     if config.fsdp:
         apply_fsdp(model, dp_sp_mesh(mesh), blocks, config.reshard_after_forward)
     # Registered last with prepend: the input checks run before FSDP's pre-forward all-gather,
@@ -201,6 +213,24 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     if wrapper.propagate:
         track_modules(model, wrapper.module_stack)
     return model
+
+
+def check_compile_options(config: UlyssesConfig) -> None:
+    """``compile`` is a bool and combines with the other options (before any collective)."""
+    if not isinstance(config.compile, bool):
+        raise ValueError(f"UlyssesConfig(compile={config.compile!r}): True or False")
+    if not config.compile:
+        return
+    eager_only = {"activation_checkpointing='offload'": config.activation_checkpointing == "offload",
+                  f"head_chunks={config.head_chunks}": config.head_chunks != 1}
+    for option, given in eager_only.items():
+        if given:
+            raise ValueError(f"UlyssesConfig(compile=True) with {option}: that option runs eager only; use one of the two")
+    if config.propagation:
+        raise ValueError(
+            "UlyssesConfig(compile=True) with propagation=True: compiled blocks run the local-tensor path "
+            "(the propagation path does not compile); leave propagation=None"
+        )
 
 
 def check_memory_options(config: UlyssesConfig) -> None:
@@ -231,7 +261,7 @@ def _install_attention(model: nn.Module, propagate: bool) -> dict[str, int]:
     if mixers and not propagate:
         raise ValueError(
             f"{type(model).__name__} has {', '.join(sorted({k for kinds in mixers.values() for k in kinds}))} "
-            "layers, which run on the propagation path only: UlyssesConfig(propagation=False) is not supported "
+            "layers, which run on the propagation path only: UlyssesConfig(propagation=False) and compile=True are not supported "
             "for them"
         )
     if hf.is_hf_model(model):
@@ -298,7 +328,7 @@ class _SequenceParallelForward:
 
     @property
     def has_compiled_blocks(self) -> bool:
-        return any(isinstance(m, OptimizedModule) or m._compiled_call_impl is not None for m in self.model.modules())
+        return bool(compiled_blocks(self.model))
 
     def accepts(self, name: str) -> bool:
         return name in self.params or self.var_kwargs
@@ -452,6 +482,8 @@ class _SequenceParallelForward:
 
     def check_inputs(self, module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: every input check, before any collective (FSDP's included)."""
+        if self.config.fsdp and torch.compiler.is_compiling():
+            refuse_fullgraph_compile_with_fsdp(self.model_name)  # FSDP2's hooks come next
         named = self.named_inputs(args, kwargs)
         seq_len = global_seq_len(named, self.model_name)
         sizes = seq_shard_sizes(seq_len, self.world)  # raises for a sequence shorter than sp

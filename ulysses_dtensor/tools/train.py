@@ -62,6 +62,8 @@ class TrainConfig:
                 "kernel), full, or offload (full, block inputs in host memory)")
     tiled_tokenwise: str = _opt("auto", "MLPs and norms in sequence tiles: auto, yes or no")
     head_chunks: int = _opt(0, "query heads per rank in this many chunks (0: auto)")
+    compile: bool = _opt(False, "torch.compile each transformer block (fullgraph, after activation checkpointing, "
+                                "before FSDP2: UlyssesConfig(compile=True))")
     memory_cap_gib: float = _opt(
         0.0, "memory stack: 'auto' options take the cheapest combination (ulysses-dtensor plan's order) whose "
              "step fits this many GiB per device at the longest curriculum length; 0: the GPU's memory less 2 GiB "
@@ -140,6 +142,8 @@ def check_config(cfg: TrainConfig, task, phases: list[Phase]) -> None:
         raise ValueError(f"--tiled-tokenwise must be auto, yes or no, got {cfg.tiled_tokenwise!r}")
     if cfg.head_chunks < 0 or cfg.memory_cap_gib < 0:
         raise ValueError("--head-chunks and --memory-cap-gib must be >= 0 (0: automatic)")
+    if cfg.compile and (cfg.activation_checkpointing == "offload" or cfg.head_chunks > 1):
+        raise ValueError("--compile with --activation-checkpointing offload or --head-chunks > 1: those run eager only")
     if cfg.resume and not cfg.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir")
     if cfg.resume and latest_checkpoint(cfg.checkpoint_dir) is None:
@@ -171,6 +175,10 @@ def resolve_memory_stack(cfg: TrainConfig, task) -> TrainConfig:
     chosen, why = choose_stack(model_cfg, last.seq_len, cfg.dp, cfg.sp, stacks, device_memory_cap(cfg.memory_cap_gib),
                                precision=precision, batch=max(1, last.batch // cfg.dp), loss="full")
     heads_per_rank = -(-model_cfg.n_heads // cfg.sp)
+    if cfg.compile and (chosen.ac == "offload" or chosen.chunks_at(heads_per_rank) > 1):
+        raise ValueError(
+            f"--compile: the memory stack that fits is {chosen.describe(heads_per_rank)}, which runs eager only; "
+            "drop --compile or pin --activation-checkpointing (none/selective/full) and --head-chunks 1")
     print(f"ulysses-dtensor train: memory stack: {chosen.describe(heads_per_rank)} ({why})", flush=True)
     return replace(cfg, activation_checkpointing=chosen.ac, tiled_tokenwise="yes" if chosen.tiled else "no",
                    head_chunks=chosen.chunks_at(heads_per_rank))
@@ -196,7 +204,7 @@ def train_rank(cfg: TrainConfig) -> dict:
     model = Llama(model_cfg).to(device=device, dtype=DTYPES[cfg.dtype])
     parallelize_module(model, mesh, UlyssesConfig(
         local_attention_only=cfg.local_attention_only, activation_checkpointing=cfg.activation_checkpointing,
-        tiled_tokenwise=cfg.tiled_tokenwise == "yes", head_chunks=max(cfg.head_chunks, 1)))
+        tiled_tokenwise=cfg.tiled_tokenwise == "yes", head_chunks=max(cfg.head_chunks, 1), compile=cfg.compile))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     history: list[dict] = []
