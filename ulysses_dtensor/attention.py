@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .comm import ExchangePlan, check_4d, exchange_head_to_seq, exchange_seq_to_head, group_rank_world, resolve_seq_len
+from .comm import check_4d, exchange_head_to_seq, exchange_seq_to_head, group_rank_world, resolve_seq_len
 from .documents import Documents, as_documents
 from .head_chunks import check_head_chunks, head_chunked_attention
 from .kernels import resolve_kernel
@@ -86,23 +86,12 @@ def ulysses_attention(
             )
 
         return head_chunked_attention(q, k, v, layout, rank, group, head_chunks, attend)
-    plan = ExchangePlan(
-        heads=(layout.q_ranges, layout.kv_ranges, layout.kv_ranges),
-        num_heads=(layout.num_heads, layout.num_kv_heads, layout.num_kv_heads),
-        seq_sizes=layout.seq_sizes,
-        rank=rank,
-        group=group,
-    )
-    q_h, k_h, v_h = exchange_seq_to_head(plan, q, k, v)
+    q_h, k_h, v_h = exchange_seq_to_head(layout.qkv_plan(rank, group), q, k, v)
     out_h = local_attention(
         q_h, k_h, v_h, layout, rank, local_kernel,
         attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, documents=documents,
     )
-    out_plan = ExchangePlan(
-        heads=(layout.q_ranges,), num_heads=(layout.num_heads,), seq_sizes=layout.seq_sizes,
-        rank=rank, group=group,
-    )
-    return exchange_head_to_seq(out_plan, out_h)[0]
+    return exchange_head_to_seq(layout.out_plan(rank, group), out_h)[0]
 
 
 def local_attention(
@@ -145,19 +134,17 @@ def local_attention(
     )
 
 
-def _match_kv_heads(q_h, k_h, v_h, layout: UlyssesLayout, rank: int):
-    """Local kv heads for local query heads: native GQA when the grouping is uniform, else an
-    index_select (local memory only; nothing extra crosses the wire)."""
-    q_start, q_stop = layout.q_ranges[rank]
-    kv_start = layout.kv_ranges[rank][0]
-    group = layout.num_heads // layout.num_kv_heads
-    wanted = [(h // group) - kv_start for h in range(q_start, q_stop)]
-    n_q, n_kv = q_stop - q_start, k_h.shape[1]
-    if n_q == n_kv and wanted == list(range(n_q)):
-        return k_h, v_h, False
-    if n_q % n_kv == 0 and wanted == [j // (n_q // n_kv) for j in range(n_q)]:
-        return k_h, v_h, True
-    index = torch.tensor(wanted, device=k_h.device)
+def _match_kv_heads(q_h: Tensor, k_h: Tensor, v_h: Tensor, layout: UlyssesLayout, rank: int):
+    """The kv heads the local kernel gets for this rank's query heads, and its ``enable_gqa``.
+
+    q_h: (B, H_r, N, D); k_h, v_h: (B, H_kv_r, N, D), the received kv heads. Returns them as
+    they are (native GQA when H_r != H_kv_r) when the grouping is uniform, else expanded to
+    (B, H_r, N, D) by ``layout.kv_expansion_index`` (local memory only; nothing extra crosses
+    the wire) and ``enable_gqa=False``."""
+    index = layout.kv_expansion_index(rank)
+    if index is None:
+        return k_h, v_h, q_h.shape[1] != k_h.shape[1]
+    index = torch.tensor(index, device=k_h.device)
     return k_h.index_select(1, index), v_h.index_select(1, index), False
 
 

@@ -13,38 +13,15 @@ inverse exchange, so backward issues exactly one collective per forward collecti
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-from .layout import HeadRange, head_ranges, seq_shard_offsets, seq_shard_sizes
+# ExchangePlan lives with the layout that builds it; importable from here, where it runs
+from .layout import ExchangePlan, HeadRange, UlyssesLayout, head_ranges, seq_shard_offsets, seq_shard_sizes
 
 Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class ExchangePlan:
-    """How a group of (B, H_i, *, D_i) tensors is split between ranks.
-
-    Attributes:
-        heads: per tensor, the head range each rank owns in the head-sharded layout. Ranges may
-            overlap between ranks (GQA kv heads read by several ranks); ``head_to_seq`` then sums.
-        num_heads: per tensor, the global head count H_i.
-        seq_sizes: tokens each rank owns in the sequence-sharded layout.
-        rank: this rank's index in ``group``.
-    """
-
-    heads: tuple[tuple[HeadRange, ...], ...]
-    num_heads: tuple[int, ...]
-    seq_sizes: tuple[int, ...]
-    rank: int
-    group: dist.ProcessGroup
-
-    @property
-    def world(self) -> int:
-        return len(self.seq_sizes)
 
 
 def _start_all_to_all(send: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
@@ -286,14 +263,7 @@ def seq_to_head(x: Tensor, group: dist.ProcessGroup | None = None, *, seq_len: i
     check_4d(x, "x")
     group, rank, world = group_rank_world(group)
     seq_len = resolve_seq_len(x.shape[2], seq_len, rank, world)
-    plan = ExchangePlan(
-        heads=(tuple(head_ranges(x.shape[1], world)),),
-        num_heads=(x.shape[1],),
-        seq_sizes=tuple(seq_shard_sizes(seq_len, world)),
-        rank=rank,
-        group=group,
-    )
-    return exchange_seq_to_head(plan, x)[0]
+    return exchange_seq_to_head(_single_tensor_plan(x, x.shape[1], seq_len, rank, world, group), x)[0]
 
 
 def head_to_seq(x: Tensor, group: dist.ProcessGroup | None = None, *, num_heads: int | None = None) -> Tensor:
@@ -311,17 +281,19 @@ def head_to_seq(x: Tensor, group: dist.ProcessGroup | None = None, *, num_heads:
     group, rank, world = group_rank_world(group)
     if num_heads is None:
         num_heads = x.shape[1] * world
-    ranges = head_ranges(num_heads, world)
-    if ranges[rank][1] - ranges[rank][0] != x.shape[1]:
+    start, stop = head_ranges(num_heads, world)[rank]
+    if stop - start != x.shape[1]:
         raise ValueError(
             f"rank {rank} holds {x.shape[1]} heads but {num_heads} heads over {world} ranks give it "
-            f"{ranges[rank][1] - ranges[rank][0]}; pass num_heads=<global head count>"
+            f"{stop - start}; pass num_heads=<global head count>"
         )
-    plan = ExchangePlan(
-        heads=(tuple(ranges),),
-        num_heads=(num_heads,),
-        seq_sizes=tuple(seq_shard_sizes(x.shape[2], world)),
-        rank=rank,
-        group=group,
-    )
-    return exchange_head_to_seq(plan, x)[0]
+    return exchange_head_to_seq(_single_tensor_plan(x, num_heads, x.shape[2], rank, world, group), x)[0]
+
+
+def _single_tensor_plan(
+    x: Tensor, num_heads: int, seq_len: int, rank: int, world: int, group: dist.ProcessGroup
+) -> ExchangePlan:
+    """The exchange of ``x`` (B, *, *, D) alone: its ``num_heads`` heads split like query heads
+    (no GQA), ``seq_len`` tokens split like DTensor ``Shard``."""
+    layout = UlyssesLayout.build(x.shape[0], num_heads, num_heads, seq_len, x.shape[3], world)
+    return layout.out_plan(rank, group)

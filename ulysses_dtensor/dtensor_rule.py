@@ -32,7 +32,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .attention import _match_kv_heads, _mask_for_heads
-from .comm import ExchangePlan, _head_to_seq, _seq_to_head
+from .comm import _head_to_seq, _seq_to_head
 from .layout import UlyssesLayout
 
 aten = torch.ops.aten
@@ -175,18 +175,14 @@ def _forward_handler(op, args, kwargs):
     if not isinstance(q, DTensor) or _seq_mesh_dim(q) is None:
         return _default(op, args, kwargs)
     layout, rank, group = _setup(bound, q, k, v)
-    plan = ExchangePlan((layout.q_ranges, layout.kv_ranges, layout.kv_ranges),
-                        (layout.num_heads, layout.num_kv_heads, layout.num_kv_heads),
-                        layout.seq_sizes, rank, group)
-    q_h, k_h, v_h = _seq_to_head(plan, [q._local_tensor, k._local_tensor, v._local_tensor])
+    q_h, k_h, v_h = _seq_to_head(layout.qkv_plan(rank, group), [q._local_tensor, k._local_tensor, v._local_tensor])
     k_x, v_x, _ = _match_kv_heads(q_h, k_h, v_h, layout, rank)
     bound.update(query=q_h, key=k_x, value=v_x)
     outs = _call_local_op(op, bound)
     # Autograd saves this logsumexp object and hands it to the backward handler: keep the
     # head-sharded inputs and output on it, so backward exchanges only the output gradient.
     outs[1]._ulysses_head_sharded = (q_h, k_h, v_h, outs[0])
-    out_plan = ExchangePlan((layout.q_ranges,), (layout.num_heads,), layout.seq_sizes, rank, group)
-    (out,) = _head_to_seq(out_plan, [outs[0]])
+    (out,) = _head_to_seq(layout.out_plan(rank, group), [outs[0]])
     global_out_shape = (*q.shape[:3], v.shape[3])
     return (_wrap(out, q, global_out_shape), *(_wrap_private(o, q) for o in outs[1:]))
 
@@ -202,13 +198,12 @@ def _backward_handler(op, args, kwargs):
     if isinstance(grad, DTensor) and grad.placements != q.placements:
         # e.g. the gradient of out.sum() arrives replicated: take this rank's sequence shard
         bound[grad_name] = grad.redistribute(q.device_mesh, q.placements)
-    qr, kvr, H, H_kv = layout.q_ranges, layout.kv_ranges, layout.num_heads, layout.num_kv_heads
     saved = getattr(_local(bound["logsumexp"]), "_ulysses_head_sharded", None)
     if saved is not None:  # the minimum: only the output gradient goes to heads
         q_h, k_h, v_h, out_h = saved
-        (grad_h,) = _seq_to_head(ExchangePlan((qr,), (H,), layout.seq_sizes, rank, group), [_local(bound[grad_name])])
+        (grad_h,) = _seq_to_head(layout.out_plan(rank, group), [_local(bound[grad_name])])
     else:  # this logsumexp did not come from our forward handler: exchange all five at once
-        plan = ExchangePlan((qr, kvr, kvr, qr, qr), (H, H_kv, H_kv, H, H), layout.seq_sizes, rank, group)
+        plan = layout.plan(("q", "kv", "kv", "q", "q"), rank, group)
         q_h, k_h, v_h, out_h, grad_h = _seq_to_head(
             plan, [_local(bound[n]) for n in ("query", "key", "value", "out", grad_name)]
         )
@@ -222,13 +217,10 @@ def _backward_handler(op, args, kwargs):
         grads = op(*args, **kwargs)
     dq_h, dk_h, dv_h = grads[0], grads[1], grads[2]
     if k_x is not k_h:  # kv heads were expanded for a non-uniform local grouping: sum back
-        start, stop = layout.q_ranges[rank]
-        group_size = layout.num_heads // layout.num_kv_heads
-        index = torch.tensor([h // group_size - layout.kv_ranges[rank][0] for h in range(start, stop)], device=dk_h.device)
+        index = torch.tensor(layout.kv_expansion_index(rank), device=dk_h.device)
         dk_h = k_h.new_zeros(k_h.shape).index_add_(1, index, dk_h)
         dv_h = v_h.new_zeros(v_h.shape).index_add_(1, index, dv_h)
-    grad_plan = ExchangePlan((qr, kvr, kvr), (H, H_kv, H_kv), layout.seq_sizes, rank, group)
-    dq, dk, dv = _head_to_seq(grad_plan, [dq_h, dk_h, dv_h])
+    dq, dk, dv = _head_to_seq(layout.qkv_plan(rank, group), [dq_h, dk_h, dv_h])
     result = (_wrap(dq, q, q.shape), _wrap(dk, k, k.shape), _wrap(dv, v, v.shape))
     return result + (None,) * (len(grads) - 3)
 

@@ -38,7 +38,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .comm import ExchangePlan, _head_to_seq_finish, _head_to_seq_start, _profiled, _seq_to_head_finish, _seq_to_head_start
+from .comm import _head_to_seq_finish, _head_to_seq_start, _profiled, _seq_to_head_finish, _seq_to_head_start
 from .layout import HeadRange, UlyssesLayout
 
 Tensor = torch.Tensor
@@ -66,33 +66,19 @@ class _ChunkPlans:
     group: object
     q_chunks: list[tuple[HeadRange, ...]]
 
-    def plan(self, heads: tuple, num_heads: tuple) -> ExchangePlan:
-        return ExchangePlan(heads=heads, num_heads=num_heads, seq_sizes=self.layout.seq_sizes, rank=self.rank,
-                            group=self.group)
-
     def to_heads(self, j: int, tensors: tuple, with_kv: tuple = ()):
         """Issue chunk ``j``'s exchange of query-head tensors (q, or q and dO) to the head layout;
         ``with_kv`` (k, v) ride along in the same collective. ``_seq_to_head_finish`` of the
         result waits and gives the tensors: compute in between overlaps the transfer."""
-        L = self.layout
-        heads = (self.q_chunks[j],) * len(tensors) + (L.kv_ranges,) * len(with_kv)
-        nums = (L.num_heads,) * len(tensors) + (L.num_kv_heads,) * len(with_kv)
-        return _seq_to_head_start(self.plan(heads, nums), (*tensors, *with_kv))
+        plan = self.chunk_layout(j).plan(("q",) * len(tensors) + ("kv",) * len(with_kv), self.rank, self.group)
+        return _seq_to_head_start(plan, (*tensors, *with_kv))
 
     def to_seq(self, j: int, out_h: Tensor, with_kv: tuple = ()):
         """Issue chunk ``j``'s exchange of head-layout ``out_h`` back to this rank's tokens:
         ``_head_to_seq_finish`` gives (B, heads of chunk j over all ranks, N_r, D) in rank order,
         then ``with_kv`` (dk, dv), summed into (B, H_kv, N_r, D)."""
-        L = self.layout
-        # the chunk's heads renumbered 0.. in rank order: an ordered partition, so no zero fill
-        widths = [stop - start for start, stop in self.q_chunks[j]]
-        packed, offset = [], 0
-        for w in widths:
-            packed.append((offset, offset + w))
-            offset += w
-        heads = (tuple(packed),) + (L.kv_ranges,) * len(with_kv)
-        nums = (offset,) + (L.num_kv_heads,) * len(with_kv)
-        return _head_to_seq_start(self.plan(heads, nums), (out_h, *with_kv))
+        plan = self.packed_chunk_layout(j).plan(("q",) + ("kv",) * len(with_kv), self.rank, self.group)
+        return _head_to_seq_start(plan, (out_h, *with_kv))
 
     def global_heads(self, j: int, device) -> Tensor:
         return torch.tensor([h for start, stop in self.q_chunks[j] for h in range(start, stop)], device=device,
@@ -102,6 +88,17 @@ class _ChunkPlans:
         """The layout ``attention.local_attention`` sees for chunk ``j``: its query heads, the
         rank's whole kv range (received once)."""
         return dataclasses.replace(self.layout, q_ranges=self.q_chunks[j])
+
+    def packed_chunk_layout(self, j: int) -> UlyssesLayout:
+        """Chunk ``j``'s way back: its query heads alone, renumbered 0.. in rank order (an
+        ordered partition of ``num_heads`` = the chunk's head count, so the exchange
+        concatenates, no zero fill); the kv heads as in :meth:`chunk_layout`. For exchange plans
+        only: the query heads no longer index the kv heads."""
+        packed, offset = [], 0
+        for start, stop in self.q_chunks[j]:
+            packed.append((offset, offset + stop - start))
+            offset += stop - start
+        return dataclasses.replace(self.layout, num_heads=offset, q_ranges=tuple(packed))
 
 
 class OutputStash(Protocol):

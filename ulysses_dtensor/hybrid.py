@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .attention import _mask_for_heads, check_attention_inputs, ulysses_attention
-from .comm import ExchangePlan, exchange_head_to_seq, exchange_seq_to_head, group_rank_world
+from .comm import exchange_head_to_seq, exchange_seq_to_head, group_rank_world
 from .documents import Documents, as_documents
 from .layout import UlyssesLayout, seq_shard_offsets
 from .masks import CausalMask
@@ -179,13 +179,8 @@ def hybrid_attention(
         enable_gqa=enable_gqa, seq_len=seq_len, documents=documents,
     )
     inner = hybrid.exchange_layout(layout, rank)
-    plan = ExchangePlan(
-        heads=(inner.q_ranges, inner.kv_ranges, inner.kv_ranges),
-        num_heads=(inner.num_heads, inner.num_kv_heads, inner.num_kv_heads),
-        seq_sizes=inner.seq_sizes, rank=rank, group=group,
-    )
     exchange = hybrid.ulysses_degree > 1  # U = 1: the ring alone, the tensors stay as they are
-    q_h, k_h, v_h = exchange_seq_to_head(plan, q, k, v) if exchange else (q, k, v)
+    q_h, k_h, v_h = exchange_seq_to_head(inner.qkv_plan(rank, group), q, k, v) if exchange else (q, k, v)
     # A rank without a head (only when ring_degree leaves U > H) still runs the ring, on empty
     # tensors: every ring step is a collective over the whole sp group.
     q_start, q_stop = inner.q_ranges[rank]
@@ -195,9 +190,8 @@ def hybrid_attention(
         spans=spans, index=hybrid.ring_index(rank), group_ranks=hybrid.ring_members(rank), group=group,
         group_size=world,
     )
-    kv_start = inner.kv_ranges[rank][0]
-    per_kv = inner.num_heads // inner.num_kv_heads
-    kv_index = torch.tensor([h // per_kv - kv_start for h in range(q_start, q_stop)], dtype=torch.long, device=q.device)
+    # the ring kernel always indexes (index_select / index_add): no native-GQA special case
+    kv_index = torch.tensor(inner.local_kv_index(rank), dtype=torch.long, device=q.device)
     mask = BlockMask(
         is_causal=is_causal,
         doc_ids=documents.ids.to(q.device) if documents is not None else None,
@@ -206,10 +200,7 @@ def hybrid_attention(
     out_h = ring_attention(q_h, k_h, v_h, ring, kv_index, mask, scale)
     if not exchange:
         return out_h
-    out_plan = ExchangePlan(
-        heads=(inner.q_ranges,), num_heads=(inner.num_heads,), seq_sizes=inner.seq_sizes, rank=rank, group=group,
-    )
-    return exchange_head_to_seq(out_plan, out_h)[0]
+    return exchange_head_to_seq(inner.out_plan(rank, group), out_h)[0]
 
 
 def hybrid_elements_sent(

@@ -1,15 +1,64 @@
 """Who holds what: sequence shards, head shards and the GQA key/value heads each rank needs.
 
-Pure arithmetic, no communication. Every other module takes its split sizes from here, so the
-sequence layout always matches DTensor's ``Shard(seq_dim)`` (``torch.chunk`` semantics) and the
-head layout is the same on every rank.
+Pure arithmetic, no communication: the split sizes, and the exchange plans
+(:class:`ExchangePlan`) that ``comm.py`` runs, are made here and nowhere else, so the sequence layout always matches
+DTensor's ``Shard(seq_dim)`` (``torch.chunk`` semantics), the head layout is the same on every
+rank, and every module maps a query head to its key/value head with :func:`kv_head_of`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+if TYPE_CHECKING:  # annotation only: the layout needs no process group to be computed
+    import torch.distributed as dist
 
 HeadRange = tuple[int, int]  # [start, stop) of global head indices
+
+
+@dataclass(frozen=True)
+class ExchangePlan:
+    """How a group of (B, H_i, *, D_i) tensors is split between ranks, for one fused all-to-all
+    (``comm.py``). Built by the layout classes (:meth:`UlyssesLayout.plan`,
+    ``mixers.ChannelExchange.plan``), not by hand.
+
+    Attributes:
+        heads: per tensor, the head range each rank owns in the head-sharded layout. Ranges may
+            overlap between ranks (GQA kv heads read by several ranks); ``head_to_seq`` then sums.
+        num_heads: per tensor, the global head count H_i.
+        seq_sizes: tokens each rank owns in the sequence-sharded layout.
+        rank: this rank's index in ``group``.
+    """
+
+    heads: tuple[tuple[HeadRange, ...], ...]
+    num_heads: tuple[int, ...]
+    seq_sizes: tuple[int, ...]
+    rank: int
+    group: dist.ProcessGroup
+
+    @property
+    def world(self) -> int:
+        return len(self.seq_sizes)
+
+    @staticmethod
+    def by_kind(
+        splits: Mapping[str, tuple[tuple[HeadRange, ...], int]],
+        kinds: Sequence[str],
+        seq_sizes: tuple[int, ...],
+        rank: int,
+        group: dist.ProcessGroup,
+    ) -> "ExchangePlan":
+        """The plan of tensors named by kind, in order: ``splits[kind]`` is (per-rank head
+        ranges, global head count) of that kind of tensor in a layout class."""
+        picked = [splits[kind] for kind in kinds]
+        return ExchangePlan(
+            heads=tuple(ranges for ranges, _ in picked),
+            num_heads=tuple(count for _, count in picked),
+            seq_sizes=seq_sizes,
+            rank=rank,
+            group=group,
+        )
 
 
 def seq_shard_sizes(seq_len: int, world: int) -> list[int]:
@@ -53,22 +102,33 @@ def head_ranges(num_heads: int, world: int) -> list[HeadRange]:
     return ranges
 
 
-def kv_head_ranges(q_ranges: list[HeadRange], num_heads: int, num_kv_heads: int) -> list[HeadRange]:
+def kv_head_of(head: int, num_heads: int, num_kv_heads: int) -> int:
+    """The key/value head query head ``head`` reads under grouped-query attention: consecutive
+    runs of ``num_heads // num_kv_heads`` query heads share one (SDPA's ``enable_gqa``, the
+    models' ``repeat_interleave``). Also a Gated DeltaNet head's key head, a Mamba2 head's B/C
+    group."""
+    return head // (num_heads // num_kv_heads)
+
+
+def kv_head_ranges(q_ranges: Sequence[HeadRange], num_heads: int, num_kv_heads: int) -> list[HeadRange]:
     """Key/value heads each rank needs for its query heads under grouped-query attention.
 
-    Query head ``h`` reads key/value head ``h // (num_heads // num_kv_heads)``. A rank receives
-    exactly the kv heads its query heads read, no more: with ``num_kv_heads < world`` several
-    ranks receive the same kv head, never the ``world / num_kv_heads`` copies of repeating
-    kv heads before the exchange.
+    Query head ``h`` reads key/value head :func:`kv_head_of` ``(h)``. A rank receives exactly the
+    kv heads its query heads read, no more: with ``num_kv_heads < world`` several ranks receive
+    the same kv head, never the ``world / num_kv_heads`` copies of repeating kv heads before the
+    exchange. A rank with no query head gets ``(0, 0)``.
     """
-    group = num_heads // num_kv_heads
-    ranges = []
-    for start, stop in q_ranges:
-        if stop == start:
-            ranges.append((0, 0))
-        else:
-            ranges.append((start // group, (stop - 1) // group + 1))
-    return ranges
+    return [
+        (kv_head_of(start, num_heads, num_kv_heads), kv_head_of(stop - 1, num_heads, num_kv_heads) + 1)
+        if stop > start else (0, 0)
+        for start, stop in q_ranges
+    ]
+
+
+def local_kv_index(q_range: HeadRange, kv_range: HeadRange, num_heads: int, num_kv_heads: int) -> list[int]:
+    """For each query head of ``q_range`` in order, the position in ``kv_range`` (the kv heads
+    a rank received, ``kv_head_ranges``) of the kv head it reads: ``len(q_range)`` entries."""
+    return [kv_head_of(h, num_heads, num_kv_heads) - kv_range[0] for h in range(*q_range)]
 
 
 @dataclass(frozen=True)
@@ -119,6 +179,40 @@ class UlyssesLayout:
     @property
     def seq_len(self) -> int:
         return sum(self.seq_sizes)
+
+    def plan(self, kinds: Sequence[str], rank: int, group: dist.ProcessGroup) -> ExchangePlan:
+        """The fused exchange of tensors laid out by this layout, one kind per tensor in order:
+        ``"q"`` for (B, H, *, D) tensors split like the query heads (q, the output, their
+        gradients), ``"kv"`` for (B, H_kv, *, D) ones split like the key/value heads (k, v and
+        their gradients)."""
+        splits = {"q": (self.q_ranges, self.num_heads), "kv": (self.kv_ranges, self.num_kv_heads)}
+        return ExchangePlan.by_kind(splits, kinds, self.seq_sizes, rank, group)
+
+    def qkv_plan(self, rank: int, group: dist.ProcessGroup) -> ExchangePlan:
+        """q, k, v in one exchange (forward in; dq, dk, dv back in backward)."""
+        return self.plan(("q", "kv", "kv"), rank, group)
+
+    def out_plan(self, rank: int, group: dist.ProcessGroup) -> ExchangePlan:
+        """The attention output alone (forward back; its gradient in, in backward)."""
+        return self.plan(("q",), rank, group)
+
+    def local_kv_index(self, rank: int) -> list[int]:
+        """Per query head of ``rank`` (``q_ranges[rank]`` in order), the position among its
+        received kv heads (``kv_ranges[rank]``) of the kv head it reads."""
+        return local_kv_index(self.q_ranges[rank], self.kv_ranges[rank], self.num_heads, self.num_kv_heads)
+
+    def kv_expansion_index(self, rank: int) -> list[int] | None:
+        """How ``rank``'s local kernel reads its received kv heads: None when it can take them
+        as they are (one per query head, or every kv head read by an equally long run of
+        consecutive query heads: native GQA); else :meth:`local_kv_index`, to expand one kv copy
+        per query head with (the rank's query heads start or stop inside a group, so its kv
+        heads are read by runs of different lengths). Local memory only: the exchange moves the
+        same bytes either way."""
+        index = self.local_kv_index(rank)
+        n_q, n_kv = len(index), _width(self.kv_ranges[rank])
+        if n_q == 0 or (n_q % n_kv == 0 and index == [j // (n_q // n_kv) for j in range(n_q)]):
+            return None
+        return index
 
     def forward_elements_sent(self, rank: int) -> int:
         """Elements ``rank`` sends in one forward: q/k/v out, then the attention output back.

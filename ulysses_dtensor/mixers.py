@@ -38,9 +38,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
-from .comm import ExchangePlan, exchange_head_to_seq, exchange_seq_to_head
+from .comm import exchange_head_to_seq, exchange_seq_to_head
 from .halo import previous_tokens
-from .layout import HeadRange, channel_ranges, covering_ranges, seq_shard_offsets, seq_shard_sizes
+from .layout import (
+    ExchangePlan, HeadRange, channel_ranges, covering_ranges, kv_head_ranges, local_kv_index, seq_shard_offsets,
+    seq_shard_sizes,
+)
 from .propagation import from_local
 from .rewrite import running_mode
 
@@ -66,7 +69,8 @@ class ChannelExchange:
     """Who holds which channels of a mixer over the sp group, and the exchanges between layouts.
 
     ``num_heads`` heads of ``head_dim`` value channels; ``num_groups`` key heads (Gated DeltaNet)
-    or B/C groups (Mamba2), head h reading group ``h // (num_heads // num_groups)``.
+    or B/C groups (Mamba2), head h reading group ``layout.kv_head_of(h, num_heads, num_groups)``
+    (as a GQA query head its kv head).
     Per rank: ``channels`` (value channels), ``heads`` (the heads they belong to) and ``groups``
     (the groups those heads read); heads and groups may be shared by ranks (their gradients are
     summed on the way back).
@@ -91,15 +95,23 @@ class ChannelExchange:
         heads = covering_ranges(channels, head_dim)
         return ChannelExchange(
             group, rank, tuple(seq_shard_sizes(seq_len, world)), num_heads, head_dim, num_groups,
-            tuple(channels), tuple(heads), tuple(covering_ranges(heads, num_heads // num_groups)),
+            tuple(channels), tuple(heads), tuple(kv_head_ranges(heads, num_heads, num_groups)),
         )
 
     @property
     def world(self) -> int:
         return len(self.seq_sizes)
 
-    def _plan(self, ranges: Sequence[tuple[HeadRange, ...]], units: Sequence[int]) -> ExchangePlan:
-        return ExchangePlan(tuple(ranges), tuple(units), self.seq_sizes, self.rank, self.group)
+    def plan(self, kinds: Sequence[str]) -> ExchangePlan:
+        """The fused exchange of tensors in the channel layout, one kind per tensor in order:
+        ``"group"`` (B, G, *, Dg) split by key heads / B-C groups, ``"channel"`` (B, H·D, *, 1)
+        by value channels, ``"head"`` (B, H, *, 1) by heads."""
+        splits = {
+            "group": (self.groups, self.num_groups),
+            "channel": (self.channels, self.num_heads * self.head_dim),
+            "head": (self.heads, self.num_heads),
+        }
+        return ExchangePlan.by_kind(splits, kinds, self.seq_sizes, self.rank, self.group)
 
     def to_channels(self, grouped: Sequence[Tensor], channels: Sequence[Tensor], per_head: Sequence[Tensor]):
         """Sequence layout -> channel layout, one all-to-all per dtype (one when all agree).
@@ -111,14 +123,14 @@ class ChannelExchange:
         (a slice of one head's channels beyond the head count), ``(B, N, h_r)``.
         """
         batch, n = channels[0].shape[:2]
-        entries = [(t.transpose(1, 2), self.groups, self.num_groups) for t in grouped]
+        entries = [(t.transpose(1, 2), "group") for t in grouped]
         width = self.num_heads * self.head_dim
-        entries += [(t.reshape(batch, n, width).transpose(1, 2).unsqueeze(-1), self.channels, width) for t in channels]
-        entries += [(t.transpose(1, 2).unsqueeze(-1), self.heads, self.num_heads) for t in per_head]
+        entries += [(t.reshape(batch, n, width).transpose(1, 2).unsqueeze(-1), "channel") for t in channels]
+        entries += [(t.transpose(1, 2).unsqueeze(-1), "head") for t in per_head]
         received: list[Tensor | None] = [None] * len(entries)
-        for dtype in dict.fromkeys(t.dtype for t, _, _ in entries):  # insertion-ordered dtypes
-            picked = [i for i, (t, _, _) in enumerate(entries) if t.dtype == dtype]
-            plan = self._plan([entries[i][1] for i in picked], [entries[i][2] for i in picked])
+        for dtype in dict.fromkeys(t.dtype for t, _ in entries):  # insertion-ordered dtypes
+            picked = [i for i, (t, _) in enumerate(entries) if t.dtype == dtype]
+            plan = self.plan([entries[i][1] for i in picked])
             for i, out in zip(picked, exchange_seq_to_head(plan, *[entries[i][0] for i in picked])):
                 received[i] = out
         h0, h1 = self.heads[self.rank]
@@ -132,9 +144,7 @@ class ChannelExchange:
     def expand_groups(self, t: Tensor) -> Tensor:
         """(B, N, g_r, Dg) -> (B, N, h_r, Dg): each local head's own group (what the model's kernel
         does with ``repeat_interleave``, for the local heads, which need not align with groups)."""
-        (h0, h1), g0 = self.heads[self.rank], self.groups[self.rank][0]
-        per_group = self.num_heads // self.num_groups
-        index = [h // per_group - g0 for h in range(h0, h1)]
+        index = local_kv_index(self.heads[self.rank], self.groups[self.rank], self.num_heads, self.num_groups)
         if index == list(range(t.shape[2])):
             return t
         return t.index_select(2, torch.tensor(index, device=t.device))
@@ -148,7 +158,7 @@ class ChannelExchange:
         """Channel layout ``(B, N, h_r, c_r / h_r)`` -> sequence layout ``(B, n, H, D)``."""
         batch, seq_len = out.shape[:2]
         flat = out.reshape(batch, seq_len, -1).transpose(1, 2).unsqueeze(-1)
-        (back,) = exchange_head_to_seq(self._plan([self.channels], [self.num_heads * self.head_dim]), flat)
+        (back,) = exchange_head_to_seq(self.plan(["channel"]), flat)
         return back.squeeze(-1).transpose(1, 2).reshape(batch, back.shape[2], self.num_heads, self.head_dim)
 
     def elements_sent(self, rank: int, batch: int, group_dims: Sequence[int], channel_tensors: int,

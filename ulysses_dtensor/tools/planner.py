@@ -44,7 +44,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from ..hybrid import HybridLayout, choose_ring_degree, hybrid_elements_sent
-from ..layout import UlyssesLayout, head_ranges, kv_head_ranges, seq_shard_sizes
+from ..layout import UlyssesLayout
 from .llama import FLAVORS, LlamaConfig, llama_config
 from ..loss import default_chunk_tokens
 from ..ring import SCORE_CHUNK_ELEMENTS
@@ -171,39 +171,21 @@ class _RankShape:
     kv_kernel_heads: int  # kv heads the local kernel holds (= q_heads if they had to be expanded)
 
 
-def _kernel_kv_heads(q: tuple[int, int], kv: tuple[int, int], group: int) -> int:
-    """kv heads the local kernel gets, as ``attention._match_kv_heads`` decides: the received ones
-    when the query heads read them uniformly (native GQA), else one expanded copy per query head."""
-    n_q, n_kv = q[1] - q[0], kv[1] - kv[0]
-    wanted = [h // group - kv[0] for h in range(*q)]
-    if n_q == 0 or wanted == list(range(n_q)):
-        return n_kv
-    if n_q % n_kv == 0 and wanted == [j // (n_q // n_kv) for j in range(n_q)]:
-        return n_kv
-    return n_q
-
-
 def _rank_shapes(cfg: LlamaConfig, seq_len: int, sp: int, batch: int, ring: int = 1) -> list[_RankShape]:
-    sizes = seq_shard_sizes(seq_len, sp)
-    group = cfg.n_heads // cfg.n_kv_heads
-    if ring == 1:
-        q = head_ranges(cfg.n_heads, sp)
-        kv = kv_head_ranges(q, cfg.n_heads, cfg.n_kv_heads)
-        return [
-            _RankShape(batch * n, n, batch * seq_len, qr[1] - qr[0], kr[1] - kr[0], _kernel_kv_heads(qr, kr, group))
-            for n, qr, kr in zip(sizes, q, kv)
-        ]
-    # hybrid: each rank's Ulysses group splits the heads over its U ranks and holds its ring block
-    # of tokens; the ring kernel keeps the received kv heads as they are (no expansion)
     layout = UlyssesLayout.build(batch, cfg.n_heads, cfg.n_kv_heads, seq_len, cfg.head_dim, sp)
     hybrid = HybridLayout.build(sp, ring)
     blocks = hybrid.block_tokens(layout)
     shapes = []
-    for rank, n in enumerate(sizes):
-        inner = hybrid.exchange_layout(layout, rank)
+    for rank, n in enumerate(layout.seq_sizes):
+        # hybrid: each rank's Ulysses group splits the heads over its U ranks and holds its ring
+        # block of tokens (ring = 1: the whole group, every token)
+        inner = hybrid.exchange_layout(layout, rank) if ring > 1 else layout
         (q0, q1), (k0, k1) = inner.q_ranges[rank], inner.kv_ranges[rank]
-        block = blocks[hybrid.ring_index(rank)]
-        shapes.append(_RankShape(batch * n, n, batch * block, q1 - q0, k1 - k0, k1 - k0))
+        # the kernel holds the received kv heads, or one expanded copy per query head when Ulysses'
+        # kernel reads them unevenly (``attention._match_kv_heads``); the ring kernel never expands
+        expanded = ring == 1 and layout.kv_expansion_index(rank) is not None
+        shapes.append(_RankShape(batch * n, n, batch * blocks[hybrid.ring_index(rank)], q1 - q0, k1 - k0,
+                                 q1 - q0 if expanded else k1 - k0))
     return shapes
 
 
