@@ -8,25 +8,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import TOL, assert_out_and_grads_match, attention_inputs, make_mask, rel_err, seq_slice
-from ulysses_dtensor import CollectiveCounter, UlyssesLayout, hybrid_attention, ulysses_attention
+from helpers import assert_out_and_grads_match, attention_inputs, make_mask, rank_attention, rel_err, seq_slice
+from ulysses_dtensor import UlyssesLayout, ulysses_attention
 from ulysses_dtensor.head_chunks import chunk_head_ranges
 from ulysses_dtensor.kernels import flash_attn_available
 from ulysses_dtensor.tools.rank_group import RankFailure
-
-
-def _rank_attention(ctx, q, k, v, grad_out, kwargs):
-    """On each rank: slice its shard, run forward and backward, count the collectives.
-    ``ring_degree`` in ``kwargs`` runs the Ulysses × ring hybrid instead."""
-    attention = hybrid_attention if "ring_degree" in kwargs else ulysses_attention
-    ql, kl, vl = (seq_slice(t, ctx.rank, ctx.world).clone().requires_grad_() for t in (q, k, v))
-    with CollectiveCounter() as counter:
-        out = attention(ql, kl, vl, ctx.group, seq_len=q.shape[2], **kwargs)
-        forward = (dict(counter.counts()), counter.bytes_sent())
-        counter.reset()
-        out.backward(seq_slice(grad_out, ctx.rank, ctx.world))
-        backward = (dict(counter.counts()), counter.bytes_sent())
-    return out.detach(), ql.grad, kl.grad, vl.grad, forward, backward
 
 
 @st.composite
@@ -57,7 +43,7 @@ def check_case(ranks4, case, value_dim=None, head_chunks=1):
         kwargs["attn_mask"] = make_mask(case["mask"], case["mask_shape"], B, H, N, dtype, gen)
 
     chunks = dict(head_chunks=head_chunks) if head_chunks > 1 else {}
-    results = ranks4.run(_rank_attention, q, k, v, grad_out, kwargs | chunks, world=world)
+    results = ranks4.run(rank_attention, q, k, v, grad_out, kwargs | chunks, world=world)
 
     ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(*ref_inputs, **kwargs)
@@ -91,7 +77,7 @@ def test_head_chunks_match_single_process(ranks4, case, head_chunks):
 def test_head_chunks_refuse_dropout(ranks4):
     q = torch.randn(1, 4, 8, 4)
     with pytest.raises(RankFailure, match="ValueError: head_chunks=2 with dropout_p=0.1: the chunked backward recomputes the kernel"):
-        ranks4.run(_rank_attention, q, q, q, q, dict(head_chunks=2, dropout_p=0.1), world=2)
+        ranks4.run(rank_attention, q, q, q, q, dict(head_chunks=2, dropout_p=0.1), world=2)
 
 
 @settings(max_examples=10)

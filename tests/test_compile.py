@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import rel_err, summed_grad_error
-from test_parallelize import VOCAB, _build, _loss_and_logits, _mesh
+from helpers import VOCAB, build_model, checkpoint_blocks, loss_and_logits, make_mesh, rel_err, summed_grad_error
+from titan_builders import TITAN_VOCAB, build_debugmodel, use_eager_flex
 
 LAYERS = {"gpt": 2, "llama": 2, "qwen2": 2}
 
@@ -18,20 +18,20 @@ def _rank_fullgraph(ctx, kind, N):
     import ulysses_dtensor as U
     from ulysses_dtensor.compile import counting_backend
 
-    mesh = _mesh(ctx, 1, ctx.world)
+    mesh = make_mesh(ctx, 1, ctx.world)
     # compiled forwards run the local path, where HF's own (float32) loss runs: so does the eager one
-    eager = U.parallelize_module(_build(kind, torch.float64), mesh, U.UlyssesConfig(fsdp=False, chunked_loss=False))
-    compiled_model = U.parallelize_module(_build(kind, torch.float64), mesh, U.UlyssesConfig(fsdp=False))
+    eager = U.parallelize_module(build_model(kind, torch.float64), mesh, U.UlyssesConfig(fsdp=False, chunked_loss=False))
+    compiled_model = U.parallelize_module(build_model(kind, torch.float64), mesh, U.UlyssesConfig(fsdp=False))
     gen = torch.Generator().manual_seed(N)
     tokens = torch.randint(0, VOCAB, (2, N), generator=gen)
     labels = torch.randint(0, VOCAB, (2, N), generator=gen)
 
-    loss, logits = _loss_and_logits(kind, eager, tokens, labels)
+    loss, logits = loss_and_logits(kind, eager, tokens, labels)
     loss.backward()
     dynamo.reset()
     graphs = []
     run = torch.compile(compiled_model, backend=counting_backend(graphs), fullgraph=True)  # raises on a graph break
-    c_loss, c_logits = _loss_and_logits(kind, run, tokens, labels)
+    c_loss, c_logits = loss_and_logits(kind, run, tokens, labels)
     c_loss.backward()
     dynamo.reset()
     grads = dict(eager.named_parameters())
@@ -54,8 +54,8 @@ def test_fullgraph_compile_parity_and_two_all_to_alls_per_layer(ranks4, kind, sp
 def _rank_explain(ctx):
     import ulysses_dtensor as U
 
-    mesh = _mesh(ctx, 1, ctx.world)
-    model = U.parallelize_module(_build("gpt", torch.float64), mesh, U.UlyssesConfig(fsdp=False))
+    mesh = make_mesh(ctx, 1, ctx.world)
+    model = U.parallelize_module(build_model("gpt", torch.float64), mesh, U.UlyssesConfig(fsdp=False))
     tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     report = U.explain(model, tokens, tokens)
     graphs = [(g.kind, dict(g.counts), g.overlapped_matmuls) for g in report.graphs]
@@ -78,13 +78,12 @@ def _rank_titan_fullgraph(ctx, N):
     import torch._dynamo as dynamo
 
     import ulysses_dtensor as U
-    from test_titan import build_debugmodel
     from ulysses_dtensor.compile import counting_backend
 
-    mesh = _mesh(ctx, 1, ctx.world)
+    mesh = make_mesh(ctx, 1, ctx.world)
     eager = U.parallelize_module(build_debugmodel("sdpa"), mesh, U.UlyssesConfig(fsdp=False))
     compiled_model = U.parallelize_module(build_debugmodel("sdpa"), mesh, U.UlyssesConfig(fsdp=False))
-    tokens = torch.randint(0, 2048, (2, N), generator=torch.Generator().manual_seed(N))
+    tokens = torch.randint(0, TITAN_VOCAB, (2, N), generator=torch.Generator().manual_seed(N))
     out = eager(tokens)
     out.float().pow(2).mean().backward()
     dynamo.reset()
@@ -113,14 +112,13 @@ def _rank_titan_flex_fullgraph(ctx, N):
     import torch._dynamo as dynamo
 
     import ulysses_dtensor as U
-    from test_titan import _eager_flex, build_debugmodel
     from ulysses_dtensor.compile import counting_backend
 
-    _eager_flex()
-    mesh = _mesh(ctx, 1, ctx.world)
+    use_eager_flex()
+    mesh = make_mesh(ctx, 1, ctx.world)
     eager = U.parallelize_module(build_debugmodel("flex"), mesh, U.UlyssesConfig(fsdp=False))
     compiled_model = U.parallelize_module(build_debugmodel("flex"), mesh, U.UlyssesConfig(fsdp=False))
-    tokens = torch.randint(0, 2048, (2, N), generator=torch.Generator().manual_seed(N))
+    tokens = torch.randint(0, TITAN_VOCAB, (2, N), generator=torch.Generator().manual_seed(N))
     masks = eager.get_attention_masks(torch.arange(N).expand(2, N))
     graphs = []
     with torch.no_grad():  # torch has no flex backward on CPU
@@ -144,34 +142,29 @@ def _rank_checkpointed_compile(ctx, kind, how, backend):
     import copy
 
     import torch._dynamo as dynamo
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     import ulysses_dtensor as U
     from ulysses_dtensor.compile import counting_backend
 
     N = 6 * ctx.world + 1
-    ref = _build(kind, torch.float64)
+    ref = build_model(kind, torch.float64)
     model = copy.deepcopy(ref)
-    if kind == "gpt":
-        for i, block in enumerate(model.layers):
-            model.layers[i] = checkpoint_wrapper(block)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoint_blocks(model, "torch" if kind == "gpt" else "hf")
     graphs = []
     compile_backend = counting_backend(graphs) if backend == "counting" else backend
     if how == "per_block":
         layers = model.layers if kind == "gpt" else model.model.layers
         for i, block in enumerate(layers):
             layers[i] = torch.compile(block, backend=compile_backend, fullgraph=True)
-    model = U.parallelize_module(model, _mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False))
+    model = U.parallelize_module(model, make_mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False))
     run = torch.compile(model, backend=compile_backend, fullgraph=True) if how == "whole" else model
     gen = torch.Generator().manual_seed(N)
     tokens = torch.randint(0, VOCAB, (2, N), generator=gen)
     labels = torch.randint(0, VOCAB, (2, N), generator=gen)
     dynamo.reset()
-    ref_loss, ref_logits = _loss_and_logits(kind, ref, tokens, labels)
+    ref_loss, ref_logits = loss_and_logits(kind, ref, tokens, labels)
     ref_loss.backward()
-    loss, logits = _loss_and_logits(kind, run, tokens, labels)
+    loss, logits = loss_and_logits(kind, run, tokens, labels)
     loss.backward()
     dynamo.reset()
     return {
@@ -224,16 +217,16 @@ def _compiled_gpt_against_one_process(ctx, config, compile_model) -> tuple[float
     import ulysses_dtensor as U
 
     N = 6 * ctx.world + 1
-    ref = _build("gpt", torch.float64)
-    model = U.parallelize_module(copy.deepcopy(ref), _mesh(ctx, 1, ctx.world), config)
+    ref = build_model("gpt", torch.float64)
+    model = U.parallelize_module(copy.deepcopy(ref), make_mesh(ctx, 1, ctx.world), config)
     gen = torch.Generator().manual_seed(N)
     tokens = torch.randint(0, VOCAB, (2, N), generator=gen)
     labels = torch.randint(0, VOCAB, (2, N), generator=gen)
-    ref_loss, _ = _loss_and_logits("gpt", ref, tokens, labels)
+    ref_loss, _ = loss_and_logits("gpt", ref, tokens, labels)
     ref_loss.backward()
     dynamo.reset()
     try:
-        loss, _ = _loss_and_logits("gpt", compile_model(model), tokens, labels)
+        loss, _ = loss_and_logits("gpt", compile_model(model), tokens, labels)
         loss.backward()
     finally:
         dynamo.reset()
@@ -317,7 +310,7 @@ def _rank_compile_overlap_refusal(ctx):
     import ulysses_dtensor as U
 
     try:
-        U.parallelize_module(_build("gpt", torch.float64), _mesh(ctx, 1, ctx.world),
+        U.parallelize_module(build_model("gpt", torch.float64), make_mesh(ctx, 1, ctx.world),
                              U.UlyssesConfig(fsdp=False, compile_overlap="always"))
     except ValueError as e:
         return str(e)

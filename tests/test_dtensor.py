@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import ulysses_dtensor
-from helpers import TOL, make_mask, rel_err
+from helpers import TOL, make_mask, make_mesh, rel_err
 from ulysses_dtensor import CollectiveCounter, UlyssesLayout
 
 
@@ -27,14 +27,10 @@ def _with_rule(rank_fn):
 
 
 def _mesh(ctx, shape):
+    """The ("sp",) mesh of the rank group (``shape`` None) or a (dp, sp) ``shape`` mesh, its placements."""
     if shape is None:
         return ctx.mesh("sp"), [Shard(2)]
-    from torch.distributed.device_mesh import init_device_mesh
-
-    key = ("dp_sp", shape)
-    if key not in ctx._meshes:
-        ctx._meshes[key] = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "sp"))
-    return ctx._meshes[key], [Shard(0), Shard(2)]
+    return make_mesh(ctx, *shape), [Shard(0), Shard(2)]
 
 
 @_with_rule

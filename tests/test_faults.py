@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import pytest
 
+from helpers import SMALL_TRAIN, small_train_args, train_cli, train_losses
 from ulysses_dtensor.tools.train import run_train
-from test_train import SMALL, _cli, _losses, _small_args, reference  # noqa: F401  (fixture)
 
 
 def _wait_for_line(proc, text: str, timeout_s: float = 120) -> str:
@@ -40,9 +40,9 @@ def _rank_pids(launcher_pid: int) -> list[int]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_stops_after_the_step_checkpoints_and_resumes_exactly(reference, tmp_path, signum):
+def test_sigterm_stops_after_the_step_checkpoints_and_resumes_exactly(train_reference, tmp_path, signum):
     ckpt = tmp_path / "ckpt"
-    proc = _cli(*_small_args(log_every=1), "--checkpoint-dir", str(ckpt), out=str(tmp_path / "run"))
+    proc = train_cli(*small_train_args(log_every=1), "--checkpoint-dir", str(ckpt), out=str(tmp_path / "run"))
     _wait_for_line(proc, "1/16")
     proc.send_signal(signum)  # the launcher only; it passes the stop on to the ranks
     text, _ = proc.communicate(timeout=60)
@@ -51,12 +51,12 @@ def test_sigterm_stops_after_the_step_checkpoints_and_resumes_exactly(reference,
     assert said in text
     stopped_at = int(text.split(said)[1].split(";")[0])
     assert 1 <= stopped_at < 16 and (ckpt / f"step_{stopped_at:06d}" / "train_state.json").exists()
-    resumed = run_train(replace(SMALL, checkpoint_dir=str(ckpt), resume=True, out_dir=str(tmp_path / "resumed")))
-    assert _losses(resumed) == _losses(reference)  # bit for bit, also the steps before the stop
+    resumed = run_train(replace(SMALL_TRAIN, checkpoint_dir=str(ckpt), resume=True, out_dir=str(tmp_path / "resumed")))
+    assert train_losses(resumed) == train_losses(train_reference)  # bit for bit, also the steps before the stop
 
 
 def test_a_killed_rank_fails_the_job_fast_and_named(tmp_path):
-    proc = _cli(*_small_args(log_every=1), "--curriculum", "64:100000", "--sp", "4", out=str(tmp_path))
+    proc = train_cli(*small_train_args(log_every=1), "--curriculum", "64:100000", "--sp", "4", out=str(tmp_path))
     _wait_for_line(proc, "2/100000")
     ranks = _rank_pids(proc.pid)
     assert len(ranks) == 4, ranks
@@ -71,13 +71,13 @@ def test_a_killed_rank_fails_the_job_fast_and_named(tmp_path):
                for pid in ranks)
 
 
-def test_same_seed_same_losses_bit_for_bit(reference, tmp_path):
-    again = run_train(replace(SMALL, out_dir=str(tmp_path)))
-    assert _losses(again) == _losses(reference)
+def test_same_seed_same_losses_bit_for_bit(train_reference, tmp_path):
+    again = run_train(replace(SMALL_TRAIN, out_dir=str(tmp_path)))
+    assert train_losses(again) == train_losses(train_reference)
 
 
 def test_a_rank_raising_mid_run_fails_the_job_fast_and_named(tmp_path):
-    env_proc = _cli(*_small_args(log_every=1), "--curriculum", "64:100000", "--sp", "4", out=str(tmp_path),
+    env_proc = train_cli(*small_train_args(log_every=1), "--curriculum", "64:100000", "--sp", "4", out=str(tmp_path),
                     env={"ULYSSES_DTENSOR_INJECT_FAULT": "1:5"})
     t0 = time.monotonic()
     text, _ = env_proc.communicate(timeout=120)

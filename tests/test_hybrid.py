@@ -13,18 +13,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import TOL, assert_out_and_grads_match, attention_inputs, make_mask, rel_err, seq_slice
-from test_attention import _rank_attention
-from test_packed import ids_from_lengths, per_document_attention
+from helpers import (
+    TOL, assert_out_and_grads_match, attention_inputs, causal_lm_loss, ids_from_lengths, make_mask,
+    per_document_attention, rank_attention, rel_err,
+)
 from ulysses_dtensor.hybrid import choose_ring_degree, hybrid_attention, hybrid_elements_sent, ulysses_shards
-from ulysses_dtensor.tools.rank_group import RankGroup
 from ulysses_dtensor.ring import BlockMask
-
-
-@pytest.fixture(scope="module")
-def ranks8():
-    with RankGroup(8, call_timeout_s=180, collective_timeout_s=60) as group:
-        yield group
 
 
 @st.composite
@@ -58,7 +52,7 @@ def check_hybrid(ranks8, case):
     elif case["mask"] != "none":
         kwargs["attn_mask"] = ref_kwargs["attn_mask"] = make_mask(case["mask"], "BHNN", B, H, N, dtype, gen)
 
-    results = ranks8.run(_rank_attention, q, k, v, grad_out, dict(kwargs, ring_degree=ring_degree), world=world)
+    results = ranks8.run(rank_attention, q, k, v, grad_out, dict(kwargs, ring_degree=ring_degree), world=world)
 
     ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     if lengths is not None:
@@ -221,7 +215,7 @@ def _rank_hf_llama(ctx, N):
     tokens = torch.randint(0, 64, (2, N), generator=torch.Generator().manual_seed(1))
     # the chunked loss computes in float64 here (transformers' own loss: float32): our own reference
     ref_out = ref(input_ids=tokens)
-    ref_loss = F.cross_entropy(ref_out.logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    ref_loss = causal_lm_loss(ref_out.logits, tokens)
     ref_loss.backward()
     out = model(input_ids=tokens, labels=tokens)
     out.loss.backward()

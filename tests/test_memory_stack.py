@@ -9,36 +9,19 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from helpers import LargestTensor, rel_err, summed_grad_error
+from helpers import LargestTensor, build_model, gathered_grad_error, loss_and_logits, make_mesh, rel_err, summed_grad_error
 from ulysses_dtensor.head_chunks import chunk_head_ranges
 from ulysses_dtensor.layout import head_ranges, seq_shard_sizes
-from test_parallelize import _build, _mesh
 
 FFN = 112  # the HF model's intermediate size: no other tensor ends in it
 
 
 def _model(kind: str):
-    torch.manual_seed(0)
+    """``build_model``'s model in float64; the HF one with an MLP FFN wide."""
     if kind == "gpt":
-        return _build("gpt", torch.float64)
-    import transformers
-
-    cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=FFN, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=128,
-    )
-    return transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").to(torch.float64).train()
-
-
-def _loss(kind, model, tokens, labels, own=False):
-    if kind == "gpt":
-        return model(tokens, labels)[1]
-    if own:  # our float64 loss for the one-process reference (transformers' is float32)
-        logits = model(input_ids=tokens).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-    return model(input_ids=tokens, labels=labels).loss
+        return build_model("gpt", torch.float64)
+    return build_model(kind, torch.float64, intermediate_size=FFN)
 
 
 class _SavedBytes:
@@ -79,24 +62,20 @@ def _rank_stack(ctx, kind, options: dict, N: int, fsdp: bool = False):
     from ulysses_dtensor.offload import offloaded_bytes
 
     ref = _model(kind)
-    model = U.parallelize_module(copy.deepcopy(ref), _mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=fsdp, **options))
+    model = U.parallelize_module(copy.deepcopy(ref), make_mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=fsdp, **options))
     gen = torch.Generator().manual_seed(N)
     tokens = torch.randint(0, 64, (2, N), generator=gen)
     labels = torch.randint(0, 64, (2, N), generator=gen)
-    ref_loss = _loss(kind, ref, tokens, labels, own=True)
+    ref_loss, _ = loss_and_logits(kind, ref, tokens, labels, own_loss=True)  # our float64 loss (transformers' is float32)
     ref_loss.backward()
     largest_ffn = LargestTensor(lambda t: t.dim() == 3 and t.shape[-1] == FFN)
     with largest_ffn:
         with CollectiveCounter() as forward, _SavedBytes(model) as saved:  # saved for backward by the forward
-            loss = _loss(kind, model, tokens, labels)
+            loss, _ = loss_and_logits(kind, model, tokens, labels, need_logits=False)
         host = offloaded_bytes()
         with CollectiveCounter() as backward:
             loss.backward()
-    if fsdp:
-        grads = max(rel_err(p.grad.full_tensor(), dict(ref.named_parameters())[n].grad)
-                    for n, p in model.named_parameters())
-    else:
-        grads = summed_grad_error(model, ref, ctx.group)
+    grads = gathered_grad_error(model, ref) if fsdp else summed_grad_error(model, ref, ctx.group)
     return {
         "loss": rel_err(loss.detach(), ref_loss.detach()), "grads": grads,
         "forward_bytes": forward.bytes_sent("all_to_all"), "backward_bytes": backward.bytes_sent("all_to_all"),
@@ -168,13 +147,13 @@ def _rank_refusals(ctx):
     for options in ({"head_chunks": 0}, {"head_chunks": 2, "activation_checkpointing": "selective"},
                     {"tiled_tokenwise": "yes"}, {"tile_tokens": 0, "tiled_tokenwise": True}):
         try:
-            U.parallelize_module(_model("llama"), _mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False, **options))
+            U.parallelize_module(_model("llama"), make_mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False, **options))
         except ValueError as e:
             messages.append(str(e))
     model = _model("llama")
     model.model.layers[0].mlp.act_fn = torch.nn.Dropout(0.1)
     try:
-        U.parallelize_module(model, _mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False, tiled_tokenwise=True))
+        U.parallelize_module(model, make_mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False, tiled_tokenwise=True))
     except ValueError as e:
         messages.append(str(e))
     return messages

@@ -21,19 +21,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import rel_err
-from test_packed import ids_from_lengths
-from test_zoo import VOCAB, _causal_lm_loss, build_hf
-from ulysses_dtensor.tools.rank_group import RankFailure, RankGroup
+from helpers import TOL, VOCAB, causal_lm_loss, ids_from_lengths, rel_err
+from hf_builders import build_hf
 from ulysses_dtensor.layout import channel_ranges, seq_shard_sizes
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-@pytest.fixture(scope="module")
-def ranks8():
-    with RankGroup(8, call_timeout_s=240, collective_timeout_s=90) as group:
-        yield group
+# conftest.py's ranks8 with longer deadlines: transformers' hybrid models and the token-by-token
+# float64 reference kernels below
+RANKS8_TIMEOUTS = dict(call_timeout_s=240, collective_timeout_s=90)
 
 
 # -- float64 reference kernels, same signatures as transformers' ----------------------------------
@@ -276,7 +270,7 @@ def _rank_hf_hybrid(ctx, family: str, N: int, padded: bool):
     # as test_zoo: standard heads get our float64 chunked loss, the others transformers' float32 one
     chunked = standard_lm_head(ref) is not None
     ref_out = ref(input_ids=ids, labels=None if chunked else labels, **kwargs)
-    ref_loss = _causal_lm_loss(ref_out.logits, labels) if chunked else ref_out.loss
+    ref_loss = causal_lm_loss(ref_out.logits, labels) if chunked else ref_out.loss
     ref_loss.backward()
     model(input_ids=ids, labels=labels, **kwargs)  # the first call runs the one-time checks
     for p in model.parameters():

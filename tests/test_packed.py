@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import TOL, rel_err, seq_slice
-from test_attention import _rank_attention
+from helpers import (
+    TOL, attention_inputs, document_spans, gathered_grad_error, ids_from_lengths, make_mask, per_document_attention,
+    rank_attention, rel_err, seq_slice,
+)
 from ulysses_dtensor import CollectiveCounter, Documents, UlyssesLayout, ulysses_attention
 from ulysses_dtensor.kernels import flash_attn_available
 from ulysses_dtensor.layout import seq_shard_offsets, seq_shard_sizes
@@ -27,41 +29,10 @@ from ulysses_dtensor.layout import seq_shard_offsets, seq_shard_sizes
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def ids_from_lengths(lengths: list[int]) -> torch.Tensor:
-    """(N,) document ids, non-decreasing, from document lengths."""
-    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-
-
-def spans(lengths: list[int]) -> list[tuple[int, int]]:
-    out, start = [], 0
-    for n in lengths:
-        out.append((start, start + n))
-        start += n
-    return out
-
-
-def per_document_attention(q, k, v, row_lengths, *, is_causal, attn_mask=None, enable_gqa=False):
-    """The reference: SDPA on each document of each row on its own, concatenated.
-    ``row_lengths``: one list of document lengths per batch row. ``attn_mask``: (B|1, H|1, N, N)."""
-    rows = []
-    for b, lengths in enumerate(row_lengths):
-        docs = []
-        for s, e in spans(lengths):
-            mask = None
-            if attn_mask is not None:
-                mask = attn_mask[b if attn_mask.shape[0] > 1 else 0][None, :, s:e, s:e]
-            docs.append(F.scaled_dot_product_attention(
-                q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e],
-                attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa,
-            ))
-        rows.append(torch.cat(docs, dim=2))
-    return torch.cat(rows, dim=0)
-
-
 def crossing_shards(lengths: list[int], N: int, P: int) -> int:
     """How many documents span two or more sp shards."""
     edges = seq_shard_offsets(seq_shard_sizes(N, P))[1:]
-    return sum(any(s < e_ < e for e_ in edges) for s, e in spans(lengths))
+    return sum(any(s < e_ < e for e_ in edges) for s, e in document_spans(lengths))
 
 
 # -- ulysses_attention with documents --------------------------------------------------------------
@@ -70,7 +41,7 @@ def crossing_shards(lengths: list[int], N: int, P: int) -> int:
 def _rank_documents(ctx, q, k, v, grad_out, documents, kwargs, chunk_tokens, as_object):
     """On each rank: its shard, forward and backward with documents; the collectives counted."""
     docs = Documents(documents, chunk_tokens=chunk_tokens) if as_object else documents
-    return _rank_attention(ctx, q, k, v, grad_out, dict(kwargs, documents=docs))
+    return rank_attention(ctx, q, k, v, grad_out, dict(kwargs, documents=docs))
 
 
 @st.composite
@@ -112,22 +83,11 @@ def _count(key: str, n: int = 1) -> None:
     COVERAGE[key] = COVERAGE.get(key, 0) + n
 
 
-def _err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Relative error, the scale floored at 1 (the inputs are unit normal): when every document is
-    one token, dq is zero in exact arithmetic and both sides hold only rounding noise (float32:
-    ~1e-6) of either sign, which is then compared absolutely."""
-    scale = max(expected.abs().max().item(), 1.0)
-    return (actual.double() - expected.double()).abs().max().item() / scale
-
-
 def check_packed(ranks4, case, count=False):
     B, H, Hkv, N, D, P = case["batch"], case["heads"], case["kv_heads"], case["N"], case["head_dim"], case["world"]
     dtype = case["dtype"]
-    gen = torch.Generator().manual_seed(case["seed"])
-    q = torch.randn(B, H, N, D, generator=gen, dtype=dtype)
-    k = torch.randn(B, Hkv, N, D, generator=gen, dtype=dtype)
-    v = torch.randn(B, Hkv, N, D, generator=gen, dtype=dtype)
-    grad_out = torch.randn(B, H, N, D, generator=gen, dtype=dtype)
+    gen, q, k, v, grad_out = attention_inputs(
+        dict(batch=B, num_heads=H, num_kv_heads=Hkv, seq_len=N, head_dim=D, dtype=dtype, seed=case["seed"]))
     row_lengths = case["row_lengths"]
     ids = ids_from_lengths(row_lengths[0]) if case["shared"] else torch.stack([ids_from_lengths(r) for r in row_lengths])
     if case["shared"] and B > 1 and case["seed"] % 2:
@@ -138,11 +98,7 @@ def check_packed(ranks4, case, count=False):
     if case["mask"] == "causal":
         kwargs["is_causal"] = True
     elif case["mask"] in ("bool", "additive"):
-        shape = {"B1NN": (B, 1, N, N), "BHNN": (B, H, N, N), "NN": (N, N)}[case["mask_shape"]]
-        if case["mask"] == "bool":
-            attn_mask = (torch.rand(shape, generator=gen) > 0.4) | torch.eye(N, dtype=torch.bool)
-        else:
-            attn_mask = torch.randn(shape, generator=gen, dtype=dtype)
+        attn_mask = make_mask(case["mask"], case["mask_shape"], B, H, N, dtype, gen)
         kwargs["attn_mask"] = attn_mask
 
     if count:
@@ -166,7 +122,10 @@ def check_packed(ranks4, case, count=False):
     ref.backward(grad_out)
     expected = [ref.detach()] + [t.grad for t in ref_inputs]
     for i, name in enumerate(["out", "dq", "dk", "dv"]):
-        err = _err(torch.cat([r[i] for r in results], dim=2), expected[i])
+        # the scale floored at 1 (the inputs are unit normal): when every document is one token, dq is
+        # zero in exact arithmetic and both sides hold only rounding noise (float32: ~1e-6) of either
+        # sign, which is then compared absolutely
+        err = rel_err(torch.cat([r[i] for r in results], dim=2), expected[i], floor=1.0)
         ERRORS[str(dtype)] = max(ERRORS.get(str(dtype), 0.0), err)
         assert err <= TOL[dtype], f"{name}: relative error {err:.3g} > {TOL[dtype]:g} for {case}"
 
@@ -452,15 +411,6 @@ def _llama(dtype):
     return Llama(LlamaConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)).to(dtype)
 
 
-def _grad_errors(model, ref):
-    ref_params = dict(ref.named_parameters())
-    errs = []
-    for name, p in model.named_parameters():
-        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        errs.append(rel_err(grad, ref_params[name].grad))
-    return max(errs)
-
-
 def _rank_llama_packed(ctx, row_lengths, dtype):
     """ulysses_dtensor.tools.llama.Llama, parallelized, on a packed batch given by document_ids= vs the
     same model run on every document separately (logits concatenated, the same loss)."""
@@ -481,7 +431,7 @@ def _rank_llama_packed(ctx, row_lengths, dtype):
     loss.backward()
 
     ref_logits = torch.cat([
-        torch.cat([ref(tokens[b : b + 1, s:e]) for s, e in spans(lengths)], dim=1)
+        torch.cat([ref(tokens[b : b + 1, s:e]) for s, e in document_spans(lengths)], dim=1)
         for b, lengths in enumerate(row_lengths)
     ])
     ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -491,7 +441,7 @@ def _rank_llama_packed(ctx, row_lengths, dtype):
     return dict(
         loss=abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()),
         logits=rel_err(U.gather_sequence(logits.detach(), mesh), ref_logits.detach()),
-        grads=_grad_errors(model, ref),
+        grads=gathered_grad_error(model, ref),
         control=rel_err(packed_logits, ref_logits.detach()),
     )
 
@@ -542,7 +492,7 @@ def _rank_hf_packed(ctx, lengths, packed_documents, propagation=None):
     tokens = torch.randint(0, VOCAB, (1, N), generator=torch.Generator().manual_seed(N))
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
     labels = tokens.clone()
-    labels[0, [s for s, _ in spans(lengths)]] = -100
+    labels[0, [s for s, _ in document_spans(lengths)]] = -100
 
     out = model(input_ids=tokens, position_ids=position_ids, labels=labels)
     out.loss.backward()
@@ -551,7 +501,7 @@ def _rank_hf_packed(ctx, lengths, packed_documents, propagation=None):
         with torch.no_grad():
             logits = model(input_ids=tokens, position_ids=position_ids).logits
 
-    ref_logits = torch.cat([ref(input_ids=tokens[:, s:e]).logits for s, e in spans(lengths)], dim=1)
+    ref_logits = torch.cat([ref(input_ids=tokens[:, s:e]).logits for s, e in document_spans(lengths)], dim=1)
     shifted = torch.cat([labels[:, 1:], torch.full((1, 1), -100)], dim=1)
     # transformers' own loss is float32; the chunked loss computes in the logits' dtype
     ref_dtype = torch.float32 if out.logits is not None else ref_logits.dtype
@@ -562,7 +512,7 @@ def _rank_hf_packed(ctx, lengths, packed_documents, propagation=None):
     return dict(
         loss=abs(out.loss.item() - ref_loss.item()) / abs(ref_loss.item()),
         logits=rel_err(U.gather_sequence(logits.detach(), mesh), ref_logits.detach()),
-        grads=_grad_errors(model, ref),
+        grads=gathered_grad_error(model, ref),
         hf_one_process=rel_err(hf_packed, ref_logits.detach()),
     )
 

@@ -9,87 +9,20 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import rel_err
+from helpers import VOCAB, build_model, gathered_grad_error, loss_and_logits, make_mesh, rel_err
 from ulysses_dtensor.tools.llama import Llama as GPT, LlamaConfig as GPTConfig
 from ulysses_dtensor.tools.rank_group import RankFailure
 from ulysses_dtensor.layout import seq_shard_sizes
-
-VOCAB = 96
-
-
-def _mesh(ctx, dp: int, sp: int):
-    """A ("dp", "sp") mesh; built once per layout from all 4 ranks (group creation is collective)."""
-    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
-    if dp == 1 and sp == ctx.world:
-        key = ("sp", sp)
-        if key not in ctx._meshes:
-            ctx._meshes[key] = DeviceMesh.from_group(ctx.group, "cpu", mesh_dim_names=("sp",))
-        return ctx._meshes[key]
-    key = ("dp_sp", dp, sp)
-    if key not in ctx._meshes:
-        ctx._meshes[key] = init_device_mesh("cpu", (dp, sp), mesh_dim_names=("dp", "sp"))
-    return ctx._meshes[key]
-
-
-def _build(kind: str, dtype):
-    torch.manual_seed(0)
-    if kind == "gpt":
-        return GPT(GPTConfig(vocab_size=VOCAB, max_seq_len=64, dim=64, n_heads=4, n_kv_heads=2)).to(dtype)
-    if kind in ("llama", "qwen2"):
-        import transformers
-
-        common = dict(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
-        )
-        if kind == "llama":
-            cfg = transformers.LlamaConfig(**common)
-            model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
-        else:
-            cfg = transformers.Qwen2Config(**common)
-            model = transformers.Qwen2ForCausalLM._from_config(cfg, attn_implementation="sdpa")
-        return model.to(dtype).train()
-    raise ValueError(kind)
-
-
-def _loss_and_logits(kind, model, tokens, labels, mesh=None, own_loss=False, need_logits=True):
-    """``own_loss``: an HF model's next-token cross-entropy computed here in the logits' dtype
-    (transformers computes its own in float32; the eager parallel path's chunked loss does not).
-    ``need_logits``: when the chunked loss returned none, a second forward (without labels) for them."""
-    if kind == "gpt":
-        logits, loss = model(tokens, labels)
-        return loss, logits
-    if own_loss:
-        logits = model(input_ids=tokens).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return loss, logits
-    if mesh is not None:  # the data-loader path: shard_batch hands each rank DTensor shards
-        from ulysses_dtensor import shard_batch
-
-        out = model(**shard_batch({"input_ids": tokens, "labels": labels}, mesh))
-        logits = out.logits
-        if logits is None and need_logits:  # the chunked loss holds no logits: a forward without labels has them
-            with torch.no_grad():
-                logits = model(**shard_batch({"input_ids": tokens}, mesh)).logits
-    else:
-        out = model(input_ids=tokens, labels=labels)
-        logits = out.logits
-        if logits is None and need_logits:
-            with torch.no_grad():
-                logits = model(input_ids=tokens).logits
-    return out.loss, logits
 
 
 def _rank_train_step(ctx, kind, dp, sp, N, dtype, compile_backend=None, via_shard_batch=False):
     import ulysses_dtensor as U
 
-    mesh = _mesh(ctx, dp, sp)
-    ref = _build(kind, dtype)
+    mesh = make_mesh(ctx, dp, sp)
+    ref = build_model(kind, dtype)
     model = U.parallelize_module(copy.deepcopy(ref), mesh)
     gen = torch.Generator().manual_seed(N)
     B = 2
@@ -100,7 +33,7 @@ def _rank_train_step(ctx, kind, dp, sp, N, dtype, compile_backend=None, via_shar
     # Single process on the global batch (every rank computes it; they agree). HF models run the
     # chunked loss in eager (float64 here): the reference is our own float64 loss then.
     own_loss = kind != "gpt" and compile_backend is None
-    ref_loss, ref_logits = _loss_and_logits(kind, ref, tokens, labels, own_loss=own_loss)
+    ref_loss, ref_logits = loss_and_logits(kind, ref, tokens, labels, own_loss=own_loss)
     ref_loss.backward()
     # AdamW's first step is ~lr*sign(g): where |g| is tiny, float32 rounding of g (summation
     # order differs between one process and P ranks) flips the sign and moves the parameter by
@@ -109,14 +42,14 @@ def _rank_train_step(ctx, kind, dp, sp, N, dtype, compile_backend=None, via_shar
     lr = 1e-2 if dtype == torch.float64 else 1e-4
     torch.optim.AdamW(ref.parameters(), lr=lr).step()
     # The same single-process step in float64: how far float32 rounding alone moves the result.
-    ref64 = _build(kind, torch.float64)
-    _loss_and_logits(kind, ref64, tokens, labels, own_loss=own_loss)[0].backward()
+    ref64 = build_model(kind, torch.float64)
+    loss_and_logits(kind, ref64, tokens, labels, own_loss=own_loss)[0].backward()
     torch.optim.AdamW(ref64.parameters(), lr=lr).step()
 
     d = mesh.get_local_rank("dp") if mesh.ndim == 2 else 0
     rows = slice(d * B, (d + 1) * B)
     run = torch.compile(model, backend=compile_backend) if compile_backend else model
-    loss, logits = _loss_and_logits(kind, run, tokens[rows], labels[rows], mesh if via_shard_batch else None)
+    loss, logits = loss_and_logits(kind, run, tokens[rows], labels[rows], mesh if via_shard_batch else None)
     loss.backward()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     opt.step()
@@ -210,7 +143,7 @@ def _rank_refusal(ctx, case):
     import ulysses_dtensor as U
     from ulysses_dtensor import CollectiveCounter
 
-    mesh = _mesh(ctx, 1, ctx.world)
+    mesh = make_mesh(ctx, 1, ctx.world)
     counter = CollectiveCounter()
     try:
         if case in ("manual_attention", "manual_attention_local"):
@@ -220,7 +153,7 @@ def _rank_refusal(ctx, case):
             with counter:
                 model(torch.randn(1, 8, 8))
         elif case == "hf_eager":
-            model = _build("llama", torch.float32)
+            model = build_model("llama", torch.float32)
             model.config._attn_implementation = "eager"
             with counter:
                 U.parallelize_module(model, mesh)
@@ -228,13 +161,13 @@ def _rank_refusal(ctx, case):
             from torch.distributed.device_mesh import DeviceMesh
 
             with counter:
-                U.parallelize_module(_build("gpt", torch.float32), DeviceMesh.from_group(ctx.group, "cpu", mesh_dim_names=("tp",)))
+                U.parallelize_module(build_model("gpt", torch.float32), DeviceMesh.from_group(ctx.group, "cpu", mesh_dim_names=("tp",)))
         elif case == "seq_shorter_than_sp":
-            model = U.parallelize_module(_build("gpt", torch.float32), mesh)
+            model = U.parallelize_module(build_model("gpt", torch.float32), mesh)
             with counter:
                 model(torch.zeros(1, 2, dtype=torch.long))
         elif case == "padding_mask":
-            model = U.parallelize_module(_build("llama", torch.float32), mesh, U.UlyssesConfig(propagation=False))
+            model = U.parallelize_module(build_model("llama", torch.float32), mesh, U.UlyssesConfig(propagation=False))
             mask = torch.ones(1, 8, dtype=torch.long)
             mask[0, :2] = 0
             with counter:
@@ -267,7 +200,7 @@ def _rank_flex_model(ctx, N):
     import ulysses_dtensor as U
     from flex_model import FlexModel
 
-    mesh = _mesh(ctx, 1, ctx.world)
+    mesh = make_mesh(ctx, 1, ctx.world)
     torch.manual_seed(0)
     ref = FlexModel()
     model = U.parallelize_module(copy.deepcopy(ref), mesh)
@@ -288,7 +221,7 @@ def test_direct_flex_attention_calls_forward_matches(ranks4, sp, N):
 def _rank_gpt_config(ctx, heads, kv_heads, N, dp):
     import ulysses_dtensor as U
 
-    mesh = _mesh(ctx, dp, ctx.world // dp)
+    mesh = make_mesh(ctx, dp, ctx.world // dp)
     torch.manual_seed(0)
     ref = GPT(GPTConfig(vocab_size=VOCAB, max_seq_len=64, dim=8 * heads, n_heads=heads, n_kv_heads=kv_heads)).double()
     model = U.parallelize_module(copy.deepcopy(ref), mesh)
@@ -300,10 +233,10 @@ def _rank_gpt_config(ctx, heads, kv_heads, N, dp):
     d = mesh.get_local_rank("dp") if mesh.ndim == 2 else 0
     logits, loss = model(tokens[2 * d : 2 * d + 2], targets[2 * d : 2 * d + 2])
     loss.backward()
-    ref_params = dict(ref.named_parameters())
     return max(
-        [abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()), rel_err(U.gather_sequence(logits.detach(), mesh), ref_logits[2 * d : 2 * d + 2].detach())]
-        + [rel_err(p.grad.full_tensor(), ref_params[n].grad) for n, p in model.named_parameters()]
+        abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()),
+        rel_err(U.gather_sequence(logits.detach(), mesh), ref_logits[2 * d : 2 * d + 2].detach()),
+        gathered_grad_error(model, ref),
     )
 
 

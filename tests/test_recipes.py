@@ -15,14 +15,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import REPO_ROOT, rel_err
 
-REPO = Path(__file__).resolve().parents[1]
 N, B = 64, 2  # sequence length (two packed documents: 40 + 24 tokens) and sequences per dp replica
 DOC = 40
 
@@ -331,7 +329,7 @@ def test_hf_llama_example_loss_matches_one_process(ranks4, memory_stack):
 
 def test_hf_llama_help():
     result = subprocess.run(
-        [sys.executable, str(REPO / "recipes" / "hf_llama.py"), "--help"],
+        [sys.executable, str(REPO_ROOT / "recipes" / "hf_llama.py"), "--help"],
         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": ""},
     )
     assert result.returncode == 0 and "usage" in result.stdout and "--dp" in result.stdout, result.stderr

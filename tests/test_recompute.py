@@ -9,32 +9,25 @@ import copy
 import pytest
 import torch
 
-from helpers import rel_err, summed_grad_error
-from test_parallelize import _build, _loss_and_logits, _mesh
+from helpers import build_model, checkpoint_blocks, loss_and_logits, make_mesh, rel_err, summed_grad_error
 
 
 def _rank_checkpointed_step(ctx, kind, how, sp, N):
     import ulysses_dtensor as U
     from ulysses_dtensor.fsdp import find_blocks
 
-    ref = _build(kind, torch.float64)
+    ref = build_model(kind, torch.float64)
     model = copy.deepcopy(ref)
-    if how == "torch":
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        for i, block in enumerate(model.layers):
-            model.layers[i] = checkpoint_wrapper(block)
-    elif how == "hf":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert find_blocks(model) or how == "none"
-    model = U.parallelize_module(model, _mesh(ctx, 1, sp), U.UlyssesConfig(fsdp=False))
+    checkpoint_blocks(model, how)
+    assert find_blocks(model)
+    model = U.parallelize_module(model, make_mesh(ctx, 1, sp), U.UlyssesConfig(fsdp=False))
     gen = torch.Generator().manual_seed(N)
     tokens = torch.randint(0, 64, (2, N), generator=gen)
     labels = torch.randint(0, 64, (2, N), generator=gen)
     # HF models run the chunked loss (float64): the reference is our own float64 loss
-    ref_loss, _ = _loss_and_logits(kind, ref, tokens, labels, own_loss=kind != "gpt")
+    ref_loss, _ = loss_and_logits(kind, ref, tokens, labels, own_loss=kind != "gpt")
     ref_loss.backward()
-    loss, _ = _loss_and_logits(kind, model, tokens, labels)
+    loss, _ = loss_and_logits(kind, model, tokens, labels)
     loss.backward()
     return summed_grad_error(model, ref, ctx.group)
 
@@ -59,24 +52,24 @@ def _rank_checkpointing_mode(ctx, kind, mode, N):
     from ulysses_dtensor.comm_counter import CollectiveCounter
     from ulysses_dtensor.compile import counting_backend
 
-    ref = _build(kind, torch.float64)
+    ref = build_model(kind, torch.float64)
     config = U.UlyssesConfig(fsdp=False, activation_checkpointing=mode)
-    model = U.parallelize_module(copy.deepcopy(ref), _mesh(ctx, 1, ctx.world), config)
+    model = U.parallelize_module(copy.deepcopy(ref), make_mesh(ctx, 1, ctx.world), config)
     gen = torch.Generator().manual_seed(N)
     tokens = torch.randint(0, 64, (2, N), generator=gen)
     labels = torch.randint(0, 64, (2, N), generator=gen)
     # eager: the chunked loss (float64) for HF models, so our own float64 reference; compiled
     # forwards run the local path, where HF's own float32 loss runs (loss_tol below)
-    ref_loss, _ = _loss_and_logits(kind, ref, tokens, labels, own_loss=kind != "gpt")
+    ref_loss, _ = loss_and_logits(kind, ref, tokens, labels, own_loss=kind != "gpt")
     ref_loss.backward()
     with CollectiveCounter() as forward:
-        loss, _ = _loss_and_logits(kind, model, tokens, labels, need_logits=False)
+        loss, _ = loss_and_logits(kind, model, tokens, labels, need_logits=False)
     with CollectiveCounter() as backward:
         loss.backward()
     grads = summed_grad_error(model, ref, ctx.group)
     graphs = []
     dynamo.reset()
-    c_loss, _ = _loss_and_logits(kind, torch.compile(model, backend=counting_backend(graphs), fullgraph=True), tokens, labels)
+    c_loss, _ = loss_and_logits(kind, torch.compile(model, backend=counting_backend(graphs), fullgraph=True), tokens, labels)
     c_loss.backward()
     dynamo.reset()
     return {
@@ -115,13 +108,13 @@ def _rank_checkpointing_refusals(ctx):
 
     messages = []
     for mode, prepare in (("partial", None), ("full", "hf"), ("selective", "wrapped")):
-        model = _build("llama" if prepare == "hf" else "gpt", torch.float64)
+        model = build_model("llama" if prepare == "hf" else "gpt", torch.float64)
         if prepare == "hf":
             model.gradient_checkpointing_enable()
         elif prepare == "wrapped":
             model.layers[0] = checkpoint_wrapper(model.layers[0])
         try:
-            U.parallelize_module(model, _mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False, activation_checkpointing=mode))
+            U.parallelize_module(model, make_mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False, activation_checkpointing=mode))
         except ValueError as e:
             messages.append(str(e))
     return messages

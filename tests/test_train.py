@@ -10,22 +10,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 
 import pytest
 import torch
 
+from helpers import SMALL_TRAIN, small_train_args, train_cli, train_losses
 from ulysses_dtensor.tools.data import RetrievalTask, step_generator
 from ulysses_dtensor.layout import seq_shard_offsets, seq_shard_sizes
 from ulysses_dtensor.tools.train import TrainConfig, build_phases, run_train
 
-SMALL = TrainConfig(
-    sp=2, dp=1, seq_len=128, curriculum="64:4,128:12", tokens_per_step=256, dtype="float64",
-    warmup=2, eval_batches=1, log_every=2,
-)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _shard_of(pos: torch.Tensor, seq_len: int, sp: int) -> torch.Tensor:
@@ -71,29 +66,17 @@ def test_auto_curriculum_doubles_to_the_target_length():
     assert all(p.batch % 2 == 0 and p.batch * p.seq_len >= 2048 for p in phases)
 
 
-def _losses(summary):
-    return [r["loss"] for r in summary["history"]]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One uninterrupted float64 run at sp=2, with its final checkpoint."""
-    out = tmp_path_factory.mktemp("ref")
-    cfg = replace(SMALL, out_dir=str(out), checkpoint_dir=str(out / "ckpt"))
-    return run_train(cfg)
-
-
-def test_train_is_exact_across_layouts(reference, tmp_path):
+def test_train_is_exact_across_layouts(train_reference, tmp_path):
     """sp=2, dp=1 (the reference) = one process = (dp=2, sp=2) = sp=4, per step, in float64."""
-    want = _losses(reference)
+    want = train_losses(train_reference)
     assert want[-1] < want[0]
     for dp, sp in ((1, 1), (2, 2), (1, 4)):
-        got = _losses(run_train(replace(SMALL, dp=dp, sp=sp, out_dir=str(tmp_path / f"{dp}x{sp}"))))
+        got = train_losses(run_train(replace(SMALL_TRAIN, dp=dp, sp=sp, out_dir=str(tmp_path / f"{dp}x{sp}"))))
         assert max(abs(g - w) / abs(w) for g, w in zip(got, want)) < 1e-10, (dp, sp)
 
 
-def test_reference_reports_minimal_all_to_all_and_counted_bytes(reference):
-    logged = [r for r in reference["history"] if "bytes_sent" in r]
+def test_reference_reports_minimal_all_to_all_and_counted_bytes(train_reference):
+    logged = [r for r in train_reference["history"] if "bytes_sent" in r]
     assert logged
     for r in logged:
         assert len(r["bytes_sent"]) == 2 and len(r["peak_mem_mib"]) == 2  # one entry per rank
@@ -101,29 +84,29 @@ def test_reference_reports_minimal_all_to_all_and_counted_bytes(reference):
             assert r["all_to_all_bytes"][rank] == r["all_to_all_min_bytes"][rank] > 0
             assert r["bytes_sent"][rank] > r["all_to_all_bytes"][rank]  # FSDP's all-gathers and reduce-scatters too
         assert r["collectives"]["all_to_all"] == 4 * 2  # 2 layers × (2 forward + 2 backward)
-    assert 0 <= reference["eval_accuracy"] <= 1
+    assert 0 <= train_reference["eval_accuracy"] <= 1
 
 
 @pytest.mark.parametrize("mode,all_to_alls", [("selective", 8), ("full", 12)])
-def test_activation_checkpointing_is_exact_and_counts_its_minimum(reference, tmp_path, mode, all_to_alls):
+def test_activation_checkpointing_is_exact_and_counts_its_minimum(train_reference, tmp_path, mode, all_to_alls):
     """--activation-checkpointing: the reference's losses (float64), and the all-to-all bytes equal
     the minimum, which for "full" includes the recomputed forward exchanges (selective re-runs none)."""
-    summary = run_train(replace(SMALL, activation_checkpointing=mode, out_dir=str(tmp_path)))
-    want = _losses(reference)
-    assert max(abs(g - w) / abs(w) for g, w in zip(_losses(summary), want)) < 1e-10
+    summary = run_train(replace(SMALL_TRAIN, activation_checkpointing=mode, out_dir=str(tmp_path)))
+    want = train_losses(train_reference)
+    assert max(abs(g - w) / abs(w) for g, w in zip(train_losses(summary), want)) < 1e-10
     for r in (r for r in summary["history"] if "bytes_sent" in r):
         assert r["all_to_all_bytes"] == r["all_to_all_min_bytes"], r
         assert r["collectives"]["all_to_all"] == all_to_alls  # 2 layers × (2 fwd + 2 bwd [+ 2 recomputed])
 
 
-def test_memory_stack_is_exact_and_counts_its_minimum(reference, tmp_path):
+def test_memory_stack_is_exact_and_counts_its_minimum(train_reference, tmp_path):
     """The whole memory stack (offload, tiled MLPs and norms, 2 head chunks of the 2 heads a
     rank holds): the reference's losses, all-to-all bytes = the minimum (the backward re-sends
     q/k/v, the recompute replays the attention outputs: 2 layers × (4 forward + 4 backward))."""
-    cfg = replace(SMALL, activation_checkpointing="offload", tiled_tokenwise="yes", head_chunks=2, out_dir=str(tmp_path))
+    cfg = replace(SMALL_TRAIN, activation_checkpointing="offload", tiled_tokenwise="yes", head_chunks=2, out_dir=str(tmp_path))
     summary = run_train(cfg)
-    want = _losses(reference)
-    assert max(abs(g - w) / abs(w) for g, w in zip(_losses(summary), want)) < 1e-10
+    want = train_losses(train_reference)
+    assert max(abs(g - w) / abs(w) for g, w in zip(train_losses(summary), want)) < 1e-10
     for r in (r for r in summary["history"] if "bytes_sent" in r):
         assert r["all_to_all_bytes"] == r["all_to_all_min_bytes"], r
         assert r["collectives"]["all_to_all"] == 16
@@ -136,9 +119,9 @@ def test_memory_stack_auto_follows_the_cap():
     from ulysses_dtensor.tools.train import resolve_memory_stack
 
     task = RetrievalTask()
-    plain = resolve_memory_stack(replace(SMALL, dtype="float32"), task)
+    plain = resolve_memory_stack(replace(SMALL_TRAIN, dtype="float32"), task)
     assert (plain.activation_checkpointing, plain.tiled_tokenwise, plain.head_chunks) == ("none", "no", 1)
-    long = replace(SMALL, dtype="float32", seq_len=2**16, curriculum="65536:1", tokens_per_step=2**16, model="small")
+    long = replace(SMALL_TRAIN, dtype="float32", seq_len=2**16, curriculum="65536:1", tokens_per_step=2**16, model="small")
     from ulysses_dtensor.tools.planner import estimate
     from ulysses_dtensor.tools.llama import llama_config
 
@@ -151,35 +134,19 @@ def test_memory_stack_auto_follows_the_cap():
     assert chosen.peak <= 0.6 * none
 
 
-def test_local_attention_only_sends_no_all_to_all_and_changes_the_result(reference, tmp_path):
-    summary = run_train(replace(SMALL, local_attention_only=True, out_dir=str(tmp_path)))
+def test_local_attention_only_sends_no_all_to_all_and_changes_the_result(train_reference, tmp_path):
+    summary = run_train(replace(SMALL_TRAIN, local_attention_only=True, out_dir=str(tmp_path)))
     logged = [r for r in summary["history"] if "bytes_sent" in r]
     assert logged and all("all_to_all" not in r["collectives"] and max(r["all_to_all_bytes"]) == 0 for r in logged)
     # same initial model and data, but attention sees less from the first step on
-    assert all(abs(a - b) > 1e-6 * abs(b) for a, b in zip(_losses(summary), _losses(reference)))
+    assert all(abs(a - b) > 1e-6 * abs(b) for a, b in zip(train_losses(summary), train_losses(train_reference)))
 
 
-def _cli(*args: str, out: str, env: dict | None = None) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
-    return subprocess.Popen(
-        [sys.executable, "-m", "ulysses_dtensor", "train", *args, "--out-dir", out],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-
-
-def _small_args(**overrides) -> list[str]:
-    cfg = replace(SMALL, **overrides)
-    args = []
-    for name in ("sp", "dp", "seq_len", "curriculum", "tokens_per_step", "dtype", "warmup", "eval_batches", "log_every"):
-        args += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
-    return args
-
-
-def test_killed_run_resumes_exactly_on_the_same_and_another_layout(reference, tmp_path):
+def test_killed_run_resumes_exactly_on_the_same_and_another_layout(train_reference, tmp_path):
     """SIGKILL the whole job after its step-4 checkpoint; resume (sp=2 and dp=2 × sp=1): every later
     loss equals the uninterrupted run's (bit for bit on the same layout)."""
     ckpt = tmp_path / "ckpt"
-    proc = _cli(*_small_args(), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "4", out=str(tmp_path / "killed"))
+    proc = train_cli(*small_train_args(), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "4", out=str(tmp_path / "killed"))
     marker = ckpt / "step_000004" / "train_state.json"
     deadline = time.monotonic() + 120
     while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -188,7 +155,7 @@ def test_killed_run_resumes_exactly_on_the_same_and_another_layout(reference, tm
     proc.wait(30)
     assert marker.exists(), proc.stdout.read()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-training"
-    want = _losses(reference)
+    want = train_losses(train_reference)
     for dp, sp in ((1, 2), (2, 1)):
         resumed_dir = tmp_path / f"resume{dp}x{sp}"
         # resume from a copy of the killed run's checkpoint (each resume writes its own later ones)
@@ -196,9 +163,9 @@ def test_killed_run_resumes_exactly_on_the_same_and_another_layout(reference, tm
         for extra in resumed_dir.iterdir():
             if extra.name != "step_000004":
                 subprocess.run(["rm", "-rf", str(extra)], check=True)
-        summary = run_train(replace(SMALL, dp=dp, sp=sp, checkpoint_dir=str(resumed_dir), resume=True,
+        summary = run_train(replace(SMALL_TRAIN, dp=dp, sp=sp, checkpoint_dir=str(resumed_dir), resume=True,
                                     out_dir=str(resumed_dir / "out")))
-        got = _losses(summary)
+        got = train_losses(summary)
         assert len(got) == len(want) and got[:4] == want[:4]  # history restored from the checkpoint
         if (dp, sp) == (1, 2):
             assert got[4:] == want[4:]
@@ -207,7 +174,7 @@ def test_killed_run_resumes_exactly_on_the_same_and_another_layout(reference, tm
 
 
 def test_cli_trains_and_prints_the_accuracy_line(tmp_path):
-    proc = _cli(*_small_args(), "--plot", out=str(tmp_path))
+    proc = train_cli(*small_train_args(), "--plot", out=str(tmp_path))
     text, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, text
     assert "accuracy: " in text and "loss" in text
@@ -225,7 +192,7 @@ def test_cli_refuses_bad_options_before_starting_ranks(tmp_path):
         (["--curriculum", "abc"], "--curriculum"),
         (["--activation-checkpointing", "some"], "--activation-checkpointing"),
     ):
-        proc = _cli(*args, out=str(tmp_path))
+        proc = train_cli(*args, out=str(tmp_path))
         text, _ = proc.communicate(timeout=60)
         assert proc.returncode == 2 and message in text, (args, text)
 
@@ -235,10 +202,10 @@ def test_text_training_is_exact_across_layouts_for_a_file_and_a_datasets_dir(tmp
     lines = [f"line {i}: the quick brown fox jumps over the lazy dog {i * i}" for i in range(200)]
     (tmp_path / "corpus.txt").write_text("\n".join(lines))
     datasets.Dataset.from_dict({"text": lines}).save_to_disk(str(tmp_path / "corpus_ds"))
-    base = replace(SMALL, curriculum="64:3", log_every=0)
+    base = replace(SMALL_TRAIN, curriculum="64:3", log_every=0)
     for source in ("corpus.txt", "corpus_ds"):
         runs = [
-            _losses(run_train(replace(base, sp=sp, text=str(tmp_path / source), out_dir=str(tmp_path / f"{source}{sp}"))))
+            train_losses(run_train(replace(base, sp=sp, text=str(tmp_path / source), out_dir=str(tmp_path / f"{source}{sp}"))))
             for sp in (1, 2)
         ]
         assert len(runs[0]) == 3 and runs[0][0] > 4.0  # ~ln(256) at the start: next-byte prediction
@@ -247,7 +214,7 @@ def test_text_training_is_exact_across_layouts_for_a_file_and_a_datasets_dir(tmp
 
 def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
     """SIGKILL only the launcher: its ranks notice and exit (no orphaned processes)."""
-    proc = _cli(*_small_args(), "--curriculum", "64:100000", "--log-every", "1", out=str(tmp_path))
+    proc = train_cli(*small_train_args(), "--curriculum", "64:100000", "--log-every", "1", out=str(tmp_path))
     first = proc.stdout.readline()
     deadline = time.monotonic() + 120
     while "1/100000" not in first and time.monotonic() < deadline and proc.poll() is None:
