@@ -3,10 +3,12 @@
     python benchmarks/compile_overhead.py --seq-len 8192 --sp 2 --steps 5
 
 Each of ``sp`` local gloo ranks (1 thread each, pinned to its own core) trains
-``ulysses_dtensor/tools/llama.py`` (forward + backward, float32, FSDP off so only Ulysses communicates)
-on its N/sp tokens, in each mode of ``--modes``: eager; compiled (Inductor with its scheduler
-overlap passes, the default); compiled_fx_pass (plus our post-grad overlap pass,
-``UlyssesConfig(compile_overlap="fx_pass")``). Per mode: the median step time over ``--steps``
+``ulysses_dtensor/tools/llama.py`` (forward + backward, float32) on its N/sp tokens, in each mode
+of ``--modes``. FSDP off, so only Ulysses communicates: eager; compiled (``torch.compile(model)``,
+Inductor with its scheduler overlap passes, the default); compiled_fx_pass (plus our post-grad
+overlap pass, ``UlyssesConfig(compile_overlap="fx_pass")``). FSDP2 on (the default path):
+eager_fsdp; compiled_blocks_fsdp (``UlyssesConfig(compile=True)``: each block compiled with
+fullgraph=True before FSDP2 wraps it). Per mode: the median step time over ``--steps``
 steps and, over ``--steps`` profiled steps, the time per step in the sequence-parallel machinery,
 each the median over ``--rounds`` rounds (every round runs every mode, starting mode rotated):
 
@@ -44,12 +46,13 @@ from ulysses_dtensor.tools.bench.report import pyplot, save_figure  # noqa: E402
 
 # compiled: Inductor with its scheduler overlap passes (the default); compiled_fx_pass: plus our
 # post-grad overlap pass (UlyssesConfig(compile_overlap="fx_pass"))
-MODES = ("eager", "compiled", "compiled_fx_pass")
+MODES = ("eager", "compiled", "compiled_fx_pass", "eager_fsdp", "compiled_blocks_fsdp")
 
 
 def _profile_breakdown(prof, compiled: bool) -> dict[str, float]:
     """Milliseconds per category from one profiled step (this rank's main thread)."""
-    out = {"exchange_ms": 0.0, "collective_ms": 0.0, "wait_ms": 0.0, "layout_kernels_ms": 0.0, "loss_wait_ms": 0.0}
+    out = {"exchange_ms": 0.0, "collective_ms": 0.0, "wait_ms": 0.0, "layout_kernels_ms": 0.0, "loss_wait_ms": 0.0,
+           "fsdp_collective_ms": 0.0}
     for event in prof.key_averages(group_by_input_shape=True):
         name = event.key
         scalar = event.input_shapes in ([[]], [])
@@ -58,6 +61,8 @@ def _profile_breakdown(prof, compiled: bool) -> dict[str, float]:
         elif compiled and "cpp_fused" in name:  # Inductor kernels (some carry "all_to_all" in their name)
             if any(k in name for k in ("cat", "slice_scatter", "copy", "clone", "all_to_all")):
                 out["layout_kernels_ms"] += event.self_cpu_time_total / 1e3
+        elif any(k in name for k in ("all_gather", "allgather", "reduce_scatter", "reducescatter")):
+            out["fsdp_collective_ms"] += event.self_cpu_time_total / 1e3  # FSDP2's, not SP overhead
         elif "all_to_all" in name or "alltoall" in name:
             out["collective_ms"] += event.self_cpu_time_total / 1e3
         elif "wait_tensor" in name and scalar:  # the loss's all-reduces: not Ulysses (eager leaves them out too)
@@ -89,8 +94,10 @@ def _rank_bench(ctx, args: dict) -> dict:
                         n_heads=args["heads"], n_kv_heads=args["kv_heads"])
         overlap = "fx_pass" if mode == "compiled_fx_pass" else "inductor"
         # the overlap setting is process-wide and read when Inductor compiles: warm up right away
-        model = U.parallelize_module(GPT(cfg), mesh, U.UlyssesConfig(fsdp=False, compile_overlap=overlap))
-        run = model if mode == "eager" else torch.compile(model)
+        fsdp = mode.endswith("_fsdp")
+        config = U.UlyssesConfig(fsdp=fsdp, compile_overlap=overlap, compile=mode == "compiled_blocks_fsdp")
+        model = U.parallelize_module(GPT(cfg), mesh, config)
+        run = torch.compile(model) if mode in ("compiled", "compiled_fx_pass") else model
 
         def step(run=run):
             _, loss = run(tokens, targets)
@@ -114,7 +121,8 @@ def _rank_bench(ctx, args: dict) -> dict:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
                 for _ in range(n):
                     steps[mode]()
-            profiles[mode].append({k: v / n for k, v in _profile_breakdown(prof, compiled=mode != "eager").items()})
+            compiled = mode.startswith("compiled")
+            profiles[mode].append({k: v / n for k, v in _profile_breakdown(prof, compiled=compiled).items()})
             if ctx.rank == 0 and mode == "compiled":
                 top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
                 top_events = [(e.key, round(e.self_cpu_time_total / 1e3 / n, 2)) for e in top]
@@ -169,23 +177,23 @@ def main() -> None:
     report = {"config": {k: v for k, v in args.items() if k != "out"}, "per_rank": per_rank, "slowest_rank": summary}
     args["out"].mkdir(parents=True, exist_ok=True)
     (args["out"] / "compile_overhead.json").write_text(json.dumps(report, indent=2))
-    e = summary["eager"] if "eager" in summary else None
     lines = [
         f"# Eager vs compiled, GPT N={args['seq_len']}, sp={args['sp']} (ms per step, median of {args['rounds']} rounds; step: slowest rank, rest: mean over ranks)",
         "",
-        "| | step (median) | SP overhead | in all-to-all | in all-to-all wait | layout kernels | loss all-reduce wait (not SP overhead) |",
-        "|---|---|---|---|---|---|---|",
+        "| | step (median) | SP overhead | in all-to-all | in all-to-all wait | layout kernels | loss all-reduce wait (not SP overhead) | FSDP2 collectives |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode in modes:
         m = summary[mode]
-        layout = "(in overhead)" if mode == "eager" else f"{m['layout_kernels_ms']:.1f}"
+        layout = "(in overhead)" if mode.startswith("eager") else f"{m['layout_kernels_ms']:.1f}"
         lines.append(f"| {mode} | {m['step_ms_median']:.0f} | {m['sp_overhead_ms']:.1f} | {m['collective_ms']:.1f} | "
-                     f"{m['wait_ms']:.1f} | {layout} | {m['loss_wait_ms']:.1f} |")
+                     f"{m['wait_ms']:.1f} | {layout} | {m['loss_wait_ms']:.1f} | {m['fsdp_collective_ms']:.1f} |")
     lines.append("")
     for mode in modes:
-        if mode != "eager" and e is not None:
-            m = summary[mode]
-            lines.append(f"{mode} / eager: step {m['step_ms_median'] / e['step_ms_median']:.2f}, "
+        base = "eager_fsdp" if mode.endswith("_fsdp") else "eager"
+        if mode.startswith("compiled") and base in summary:
+            m, e = summary[mode], summary[base]
+            lines.append(f"{mode} / {base}: step {m['step_ms_median'] / e['step_ms_median']:.2f}, "
                          f"SP overhead {m['sp_overhead_ms'] / max(e['sp_overhead_ms'], 1e-9):.2f}  ")
     (args["out"] / "compile_overhead.md").write_text("\n".join(lines) + "\n")
     _plot(per_rank, args["out"] / "compile_overhead.png")

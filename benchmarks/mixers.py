@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ulysses_dtensor.comm_counter import CollectiveCounter  # noqa: E402
 from ulysses_dtensor.tools.rank_group import RankGroup  # noqa: E402
 from ulysses_dtensor.tools.bench.report import pyplot, save_figure  # noqa: E402
 
@@ -100,7 +101,7 @@ def _rank_step(ctx, kind: str, seq_len: int, steps: int, parallel: bool) -> dict
         losses.append(out.loss.item())
 
     step()  # warm-up (and the one-time checks)
-    with U.CollectiveCounter() as counter:
+    with CollectiveCounter() as counter:
         step()
     peak = peak_tensor_bytes(step)
     times = interleaved_times({"step": step}, ctx.group, reps=steps, warmup=0)["step"]

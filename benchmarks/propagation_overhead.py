@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from ulysses_dtensor.tools.bench.measure import interleaved_times, pin_to_core  # noqa: E402
 from ulysses_dtensor.tools.bench.step_args import parse_step_args  # noqa: E402
+from ulysses_dtensor.comm_counter import CollectiveCounter  # noqa: E402
 from ulysses_dtensor.tools.rank_group import RankGroup  # noqa: E402
 from ulysses_dtensor.tools.llama import Llama, LlamaConfig  # noqa: E402
 from ulysses_dtensor.tools.bench.report import pyplot, save_figure  # noqa: E402
@@ -61,7 +62,7 @@ def _rank_bench(ctx, args: dict) -> dict:
 
         for _ in range(2):  # warm-up (and compile)
             step()
-        with U.CollectiveCounter() as counter:
+        with CollectiveCounter() as counter:
             step()
         counts[mode] = {"collectives": dict(counter.counts()), "bytes_sent": counter.bytes_sent()}
         steps[mode] = step

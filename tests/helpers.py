@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ulysses_dtensor import CollectiveCounter, hybrid_attention, ulysses_attention
+from ulysses_dtensor import ulysses_attention
+
+from ulysses_dtensor.comm_counter import CollectiveCounter
+
+from ulysses_dtensor.hybrid import hybrid_attention
 from ulysses_dtensor.inputs import local_slice
 from ulysses_dtensor.tools.train import TrainConfig
 
@@ -63,6 +67,16 @@ def gathered_grad_error(model: torch.nn.Module, reference: torch.nn.Module) -> f
         rel_err(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad, expected[name].grad)
         for name, p in model.named_parameters()
     )
+
+
+def refusal(call, *args, errors: tuple = (ValueError,), **kwargs) -> str | None:
+    """The message of the error (one of ``errors``) ``call(*args, **kwargs)`` raises; None if it
+    runs (so the caller's message assertions fail)."""
+    try:
+        call(*args, **kwargs)
+    except errors as e:
+        return str(e)
+    return None
 
 
 # -- attention: inputs, masks, shards, the rank function -------------------------------------------

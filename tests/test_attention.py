@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_out_and_grads_match, attention_inputs, make_mask, rank_attention, rel_err, seq_slice
-from ulysses_dtensor import UlyssesLayout, ulysses_attention
+from ulysses_dtensor import ulysses_attention
+from ulysses_dtensor.layout import UlyssesLayout
 from ulysses_dtensor.head_chunks import chunk_head_ranges
 from ulysses_dtensor.kernels import flash_attn_available
 from ulysses_dtensor.tools.rank_group import RankFailure

@@ -7,7 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import seq_slice
-from ulysses_dtensor import CollectiveCounter, head_ranges, head_to_seq, seq_to_head
+from ulysses_dtensor.comm import head_to_seq, seq_to_head
+from ulysses_dtensor.comm_counter import CollectiveCounter
+from ulysses_dtensor.layout import head_ranges
 
 
 def _rank_round_trip(ctx, x):

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from ulysses_dtensor.inputs import local_slice
-from helpers import VOCAB, build_model, loss_and_logits, make_mesh, rel_err
+from helpers import VOCAB, build_model, loss_and_logits, make_mesh, refusal, rel_err
 from titan_builders import TITAN_VOCAB, build_debugmodel
+from hf_builders import build_hf
+from zoo_models import NanoGPT
 
 LAYERS = {"gpt": 2, "llama": 2, "titan": 6}
 
@@ -33,6 +35,9 @@ def _loss(kind, model, tokens, labels):
 def _rank_compiled_step(ctx, kind, dp, sp, activation_checkpointing, backend):
     """Errors of one compiled, FSDP-sharded step against the one-process step; the collectives of
     the blocks' graphs (counting backend)."""
+    # every block compiled by nn.Module.compile shares one code object and its recompile limit:
+    # a fresh Dynamo cache for each model this rank group compiles
+    torch._dynamo.reset()
     import ulysses_dtensor as U
     from ulysses_dtensor.compile import counting_backend
 
@@ -113,6 +118,9 @@ def test_compiled_torchtitan_blocks_with_fsdp(ranks4):
 
 
 def _rank_fullgraph_refused(ctx):
+    # every block compiled by nn.Module.compile shares one code object and its recompile limit:
+    # a fresh Dynamo cache for each model this rank group compiles
+    torch._dynamo.reset()
     import ulysses_dtensor as U
     from ulysses_dtensor.compile import WholeModelCompileError
 
@@ -136,16 +144,13 @@ def _rank_compile_refusals(ctx):
     import ulysses_dtensor as U
 
     mesh = make_mesh(ctx, 1, ctx.world)
-    messages = []
-    for config in (U.UlyssesConfig(compile=True, activation_checkpointing="offload"),
-                   U.UlyssesConfig(compile=True, head_chunks=2),
-                   U.UlyssesConfig(compile=True, propagation=True),
-                   U.UlyssesConfig(compile="yes")):
-        try:
-            U.parallelize_module(build_model("gpt", torch.float64), mesh, config)
-            messages.append(None)
-        except ValueError as e:
-            messages.append(str(e))
+    messages = [refusal(U.parallelize_module, build_model("gpt", torch.float64), mesh, config)
+                for config in (U.UlyssesConfig(compile=True, activation_checkpointing="offload"),
+                               U.UlyssesConfig(compile=True, head_chunks=2),
+                               U.UlyssesConfig(compile=True, propagation=True),
+                               U.UlyssesConfig(compile="yes"))]
+    # derives positions from the length it sees: wrong on local shards
+    messages.append(refusal(U.parallelize_module, NanoGPT(), mesh, U.UlyssesConfig(compile=True)))
     return messages
 
 
@@ -156,9 +161,13 @@ def test_compile_option_refusals(ranks4):
     assert "runs eager only" in messages[1] and "head_chunks=2" in messages[1], messages
     assert "local-tensor path" in messages[2], messages
     assert "True or False" in messages[3], messages
+    assert "NanoGPT" in messages[4] and "takes no position argument" in messages[4], messages
 
 
 def _rank_explain_blocks(ctx):
+    # every block compiled by nn.Module.compile shares one code object and its recompile limit:
+    # a fresh Dynamo cache for each model this rank group compiles
+    torch._dynamo.reset()
     import ulysses_dtensor as U
 
     model = U.parallelize_module(build_model("gpt", torch.float64), make_mesh(ctx, 1, ctx.world),
@@ -177,3 +186,50 @@ def test_explain_reports_per_block_graphs(ranks4):
     assert calls == 2 and blocks == 2 and trained
     assert graphs == [("forward", {"all_to_all": 2}), ("backward", {"all_to_all": 2})], graphs
     assert "blocks compiled with fullgraph=True: 2" in text, text
+
+
+def _rank_compiled_family(ctx, family):
+    """Loss and gradient errors of an HF family with compiled blocks and FSDP2 at sp = world."""
+    # every block compiled by nn.Module.compile shares one code object and its recompile limit:
+    # a fresh Dynamo cache for each model this rank group compiles
+    torch._dynamo.reset()
+    import ulysses_dtensor as U
+    from ulysses_dtensor.compile import counting_backend
+
+    ref = build_hf(family)
+    graphs = []
+    model = U.parallelize_module(copy.deepcopy(ref), make_mesh(ctx, 1, ctx.world),
+                                 U.UlyssesConfig(compile=True, compile_backend=counting_backend(graphs)))
+    tokens = torch.randint(0, VOCAB, (2, 4 * ctx.world + 3), generator=torch.Generator().manual_seed(3))
+    ref_loss = ref(input_ids=tokens, labels=tokens).loss
+    ref_loss.backward()
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    ref_params = dict(ref.named_parameters())
+    grads = max(rel_err(p.grad.full_tensor(), ref_params[n.replace("_orig_mod.", "")].grad)
+                for n, p in model.named_parameters())
+    return abs(loss.item() - ref_loss.item()) / ref_loss.item(), grads, [(g.kind, g.counts.get("all_to_all", 0)) for g in graphs]
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt-neox", "gpt2", "olmo2"])
+def test_compiled_blocks_of_hf_families(ranks4, family):
+    """More HF families with UlyssesConfig(compile=True), FSDP2, sp=2 (HF's float32 loss sets 1e-6)."""
+    for loss_err, grad_err, graphs in ranks4.run(_rank_compiled_family, family, world=2, timeout_s=900):
+        assert loss_err <= 1e-6 and grad_err <= 1e-6, (family, loss_err, grad_err)
+        assert graphs == [("forward", 2), ("backward", 2)], graphs
+
+
+def _rank_hf_refused(ctx, family):
+    import ulysses_dtensor as U
+
+    return refusal(U.parallelize_module, build_hf(family), make_mesh(ctx, 1, ctx.world), U.UlyssesConfig(compile=True))
+
+
+def test_compiled_blocks_refuse_sliding_windows_and_experts(ranks4):
+    """Refused at setup: a sliding window (the local path builds causal masks only) and MoE
+    blocks (their load-balancing loss needs the propagation path; HF's expert loop does not
+    compile with fullgraph)."""
+    message = ranks4.run(_rank_hf_refused, "mistral-window", world=2)[0]
+    assert message is not None and "window" in message, message
+    message = ranks4.run(_rank_hf_refused, "qwen3-moe", world=2)[0]
+    assert message is not None and "MoE blocks run on the propagation path only" in message, message

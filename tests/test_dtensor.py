@@ -12,7 +12,8 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import ulysses_dtensor
 from helpers import TOL, make_mask, make_mesh, rel_err
-from ulysses_dtensor import CollectiveCounter, UlyssesLayout
+from ulysses_dtensor.comm_counter import CollectiveCounter
+from ulysses_dtensor.layout import UlyssesLayout
 
 
 def _with_rule(rank_fn):
@@ -178,12 +179,12 @@ def test_register_is_idempotent_and_unregister_restores():
 
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
     handlers = DTensor._op_dispatcher._custom_op_handlers
-    ulysses_dtensor.register()
-    ulysses_dtensor.register()
+    ulysses_dtensor.dtensor_rule.register()
+    ulysses_dtensor.dtensor_rule.register()
     assert op in handlers
-    ulysses_dtensor.unregister()
+    ulysses_dtensor.dtensor_rule.unregister()
     assert op not in handlers
-    ulysses_dtensor.register()
+    ulysses_dtensor.dtensor_rule.register()
     assert op in handlers
 
 

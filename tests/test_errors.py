@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ulysses_dtensor import CollectiveCounter, head_to_seq, seq_to_head, ulysses_attention
+from ulysses_dtensor import ulysses_attention
+
+from ulysses_dtensor.comm import head_to_seq, seq_to_head
+
+from ulysses_dtensor.comm_counter import CollectiveCounter
 from ulysses_dtensor.kernels import flash_attn_available
 
 P, B, H, N, D = 4, 2, 8, 16, 4

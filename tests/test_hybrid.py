@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from helpers import (
     TOL, assert_out_and_grads_match, attention_inputs, causal_lm_loss, ids_from_lengths, make_mask,
-    per_document_attention, rank_attention, rel_err,
+    per_document_attention, rank_attention, rel_err, summed_grad_error,
 )
 from ulysses_dtensor.hybrid import choose_ring_degree, hybrid_attention, hybrid_elements_sent, ulysses_shards
 from ulysses_dtensor.ring import BlockMask
@@ -172,7 +172,7 @@ def _rank_train_llama(ctx, heads, kv_heads, N, steps, dtype, ring_degree):
         loss_err.append(abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()))
     ref_params = dict(ref.named_parameters())
     param_err = max(rel_err(p.full_tensor().detach(), ref_params[n].detach()) for n, p in model.named_parameters())
-    return loss_err, param_err, printed.getvalue(), model.forward.ring_degree
+    return loss_err, param_err, printed.getvalue(), U.handle_of(model).ring_degree
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -222,15 +222,11 @@ def _rank_hf_llama(ctx, N):
     assert out.logits is None
     with torch.no_grad():
         logits = model(input_ids=tokens).logits
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for g in grads.values():  # without FSDP each rank holds its share of the gradient
-        torch.distributed.all_reduce(g, group=ctx.group)
-    ref_params = dict(ref.named_parameters())
     return (
-        model.forward.ring_degree,
+        U.handle_of(model).ring_degree,
         abs(out.loss.item() - ref_loss.item()),
         rel_err(U.gather_sequence(logits, ctx.mesh()), ref_out.logits.detach()),
-        max(rel_err(g, ref_params[n].grad) for n, g in grads.items()),
+        summed_grad_error(model, ref, ctx.group),  # without FSDP each rank holds its share
     )
 
 
@@ -255,11 +251,7 @@ def _rank_compiled_hybrid(ctx, backend):
     loss.backward()
     _, ref_loss = ref(tokens, tokens)
     ref_loss.backward()
-    ref_params = dict(ref.named_parameters())
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for g in grads.values():
-        torch.distributed.all_reduce(g, group=ctx.group)
-    return model.forward.ring_degree, abs(loss.item() - ref_loss.item()), max(rel_err(g, ref_params[n].grad) for n, g in grads.items())
+    return U.handle_of(model).ring_degree, abs(loss.item() - ref_loss.item()), summed_grad_error(model, ref, ctx.group)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

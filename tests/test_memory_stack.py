@@ -10,7 +10,9 @@ import copy
 import pytest
 import torch
 
-from helpers import LargestTensor, build_model, gathered_grad_error, loss_and_logits, make_mesh, rel_err, summed_grad_error
+from helpers import (
+    LargestTensor, build_model, gathered_grad_error, loss_and_logits, make_mesh, refusal, rel_err, summed_grad_error,
+)
 from ulysses_dtensor.head_chunks import chunk_head_ranges
 from ulysses_dtensor.layout import head_ranges, seq_shard_sizes
 
@@ -146,16 +148,12 @@ def _rank_refusals(ctx):
     messages = []
     for options in ({"head_chunks": 0}, {"head_chunks": 2, "activation_checkpointing": "selective"},
                     {"tiled_tokenwise": "yes"}, {"tile_tokens": 0, "tiled_tokenwise": True}):
-        try:
-            U.parallelize_module(_model("llama"), make_mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False, **options))
-        except ValueError as e:
-            messages.append(str(e))
+        messages.append(refusal(U.parallelize_module, _model("llama"), make_mesh(ctx, 1, ctx.world),
+                                U.UlyssesConfig(fsdp=False, **options)))
     model = _model("llama")
     model.model.layers[0].mlp.act_fn = torch.nn.Dropout(0.1)
-    try:
-        U.parallelize_module(model, make_mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False, tiled_tokenwise=True))
-    except ValueError as e:
-        messages.append(str(e))
+    messages.append(refusal(U.parallelize_module, model, make_mesh(ctx, 1, ctx.world),
+                            U.UlyssesConfig(fsdp=False, tiled_tokenwise=True)))
     return messages
 
 

@@ -127,7 +127,7 @@ def _mixer_inputs(case):
 
 
 def _rank_mixer(ctx, case):
-    from ulysses_dtensor import CollectiveCounter
+    from ulysses_dtensor.comm_counter import CollectiveCounter
     from ulysses_dtensor.documents import Documents
     from ulysses_dtensor.halo import halo_elements_sent
     from ulysses_dtensor.inputs import local_slice
@@ -251,7 +251,7 @@ def _grad_errors(model, ref, group):
 
 def _rank_hf_hybrid(ctx, family: str, N: int, padded: bool):
     import ulysses_dtensor as U
-    from ulysses_dtensor import CollectiveCounter
+    from ulysses_dtensor.comm_counter import CollectiveCounter
     from ulysses_dtensor.hf import standard_lm_head
     from ulysses_dtensor.inputs import local_slice
 

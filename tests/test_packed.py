@@ -22,7 +22,10 @@ from helpers import (
     TOL, attention_inputs, document_spans, gathered_grad_error, ids_from_lengths, make_mask, per_document_attention,
     rank_attention, rel_err, seq_slice,
 )
-from ulysses_dtensor import CollectiveCounter, Documents, UlyssesLayout, ulysses_attention
+from ulysses_dtensor import ulysses_attention
+from ulysses_dtensor.comm_counter import CollectiveCounter
+from ulysses_dtensor.documents import Documents
+from ulysses_dtensor.layout import UlyssesLayout
 from ulysses_dtensor.kernels import flash_attn_available
 from ulysses_dtensor.layout import seq_shard_offsets, seq_shard_sizes
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import VOCAB, build_model, gathered_grad_error, loss_and_logits, make_mesh, rel_err
+from helpers import VOCAB, build_model, gathered_grad_error, loss_and_logits, make_mesh, refusal, rel_err
 from ulysses_dtensor.tools.llama import Llama as GPT, LlamaConfig as GPTConfig
 from ulysses_dtensor.tools.rank_group import RankFailure
 from ulysses_dtensor.layout import seq_shard_sizes
@@ -141,7 +141,7 @@ def _rank_refusal(ctx, case):
     """The refused call under a collective counter; models are built and parallelized before it
     (parallelize_module's setup check is itself a collective, run by every rank)."""
     import ulysses_dtensor as U
-    from ulysses_dtensor import CollectiveCounter
+    from ulysses_dtensor.comm_counter import CollectiveCounter
 
     mesh = make_mesh(ctx, 1, ctx.world)
     counter = CollectiveCounter()
@@ -262,16 +262,18 @@ def test_gpt_property_any_heads_kv_heads_length_layout(ranks4, kv_heads, group, 
     assert max(err) <= 1e-10, (err, kv_heads * group, kv_heads, N, layout)
 
 
-def _rank_parallel_style(ctx, N):
+def _rank_parallel_style(ctx, N, ours):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor.parallel import parallelize_module as torch_parallelize
 
     from ulysses_dtensor.tools.llama import Attention
-    from ulysses_dtensor import UlyssesAttention
+    from ulysses_dtensor import UlyssesAttention, parallelize_module
 
     torch.manual_seed(0)
     ref = Attention(GPTConfig(dim=32, n_heads=4, n_kv_heads=2)).double()
-    model = torch_parallelize(copy.deepcopy(ref), DeviceMesh.from_group(ctx.group, "cpu"), UlyssesAttention())
+    # ours with a ParallelStyle (or a plan dict) as third argument is torch's parallelize_module
+    plan = {"": UlyssesAttention()} if ours else UlyssesAttention()
+    model = (parallelize_module if ours else torch_parallelize)(copy.deepcopy(ref), DeviceMesh.from_group(ctx.group, "cpu"), plan)
     gen = torch.Generator().manual_seed(N)
     x = torch.randn(2, N, 32, generator=gen, dtype=torch.float64)
     freqs = GPT(GPTConfig(dim=32, n_heads=4, max_seq_len=N)).freqs_cis
@@ -288,8 +290,33 @@ def _rank_parallel_style(ctx, N):
 
 def test_ulysses_attention_parallel_style_in_torch_plan(ranks4):
     """UlyssesAttention() in torch's own parallelize_module: output and input gradient exact."""
-    for errs in ranks4.run(_rank_parallel_style, 24, world=4):
-        assert max(errs) <= 1e-10, errs
+    for ours in (False, True):
+        for errs in ranks4.run(_rank_parallel_style, 24, ours, world=4):
+            assert max(errs) <= 1e-10, (ours, errs)
+
+
+def _rank_handle(ctx):
+    import ulysses_dtensor as U
+
+    model = build_model("gpt", torch.float64)
+    unprepared = refusal(U.handle_of, model)
+    wrong_config = refusal(U.parallelize_module, model, make_mesh(ctx, 1, ctx.world), "full", errors=(TypeError,))
+    U.parallelize_module(model, make_mesh(ctx, 1, ctx.world))
+    tokens = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    model(tokens, tokens)
+    handle = U.handle_of(model)
+    compiled = U.handle_of(torch.compile(model))  # through torch.compile's wrapper too
+    return (unprepared, wrong_config, handle.sp, handle.ring_degree, handle.propagation, handle.last_attention_calls,
+            handle.compiled_blocks, handle.config.fsdp, compiled.sp, repr(handle))
+
+
+def test_handle_tells_what_parallelize_did(ranks4):
+    unprepared, wrong_config, sp, ring, propagation, calls, compiled, fsdp, compiled_sp, text = ranks4.run(
+        _rank_handle, world=2)[0]
+    assert "was not prepared by ulysses_dtensor.parallelize_module" in unprepared
+    assert "must be a UlyssesConfig, a ParallelStyle or a plan dict" in wrong_config
+    assert (sp, ring, propagation, calls, compiled, fsdp, compiled_sp) == (2, 1, True, 2, 0, True, 2)
+    assert text.startswith("UlyssesHandle(Llama, sp=2"), text
 
 
 def _rank_init_mesh(ctx):

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from helpers import build_model, checkpoint_blocks, loss_and_logits, make_mesh, rel_err, summed_grad_error
+from helpers import build_model, checkpoint_blocks, loss_and_logits, make_mesh, refusal, rel_err, summed_grad_error
 
 
 def _rank_checkpointed_step(ctx, kind, how, sp, N):
@@ -113,10 +113,8 @@ def _rank_checkpointing_refusals(ctx):
             model.gradient_checkpointing_enable()
         elif prepare == "wrapped":
             model.layers[0] = checkpoint_wrapper(model.layers[0])
-        try:
-            U.parallelize_module(model, make_mesh(ctx, 1, ctx.world), U.UlyssesConfig(fsdp=False, activation_checkpointing=mode))
-        except ValueError as e:
-            messages.append(str(e))
+        messages.append(refusal(U.parallelize_module, model, make_mesh(ctx, 1, ctx.world),
+                                U.UlyssesConfig(fsdp=False, activation_checkpointing=mode)))
     return messages
 
 

@@ -99,6 +99,18 @@ def test_activation_checkpointing_is_exact_and_counts_its_minimum(train_referenc
         assert r["collectives"]["all_to_all"] == all_to_alls  # 2 layers × (2 fwd + 2 bwd [+ 2 recomputed])
 
 
+def test_compiled_blocks_train_like_eager(train_reference, tmp_path):
+    """--compile (UlyssesConfig(compile=True): blocks compiled by Inductor, FSDP2 on): the eager
+    reference's losses over the curriculum's two lengths (float64; Inductor reorders float math),
+    the all-to-all bytes still the minimum."""
+    summary = run_train(replace(SMALL_TRAIN, compile=True, activation_checkpointing="none", out_dir=str(tmp_path)))
+    want = train_losses(train_reference)
+    assert max(abs(g - w) / abs(w) for g, w in zip(train_losses(summary), want)) < 1e-9
+    for r in (r for r in summary["history"] if "bytes_sent" in r):
+        assert r["all_to_all_bytes"] == r["all_to_all_min_bytes"], r
+        assert r["collectives"]["all_to_all"] == 4 * 2, r
+
+
 def test_memory_stack_is_exact_and_counts_its_minimum(train_reference, tmp_path):
     """The whole memory stack (offload, tiled MLPs and norms, 2 head chunks of the 2 heads a
     rank holds): the reference's losses, all-to-all bytes = the minimum (the backward re-sends

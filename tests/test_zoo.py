@@ -25,7 +25,7 @@ TOL = 1e-10
 def _counted_step(model, call):
     """Run ``call`` twice (the first forward also runs the one-time input checks) and return
     the second forward's output, loss and collective counts forward / backward."""
-    from ulysses_dtensor import CollectiveCounter
+    from ulysses_dtensor.comm_counter import CollectiveCounter
 
     call(model)
     for p in model.parameters():
@@ -254,7 +254,7 @@ def _rank_chunked_loss_refused(ctx):
 
 def _rank_refused(ctx, family: str, N: int):
     import ulysses_dtensor as U
-    from ulysses_dtensor import CollectiveCounter
+    from ulysses_dtensor.comm_counter import CollectiveCounter
 
     with CollectiveCounter() as counter:
         try:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .compile import GraphCollectives, compiled_blocks, counting_backend
-from .parallelize import _SequenceParallelForward
+from .parallelize import handle_of
 
 
 @dataclass
@@ -50,14 +50,13 @@ def explain(model: nn.Module, *args, backward: bool = True, **kwargs) -> Compile
     """
     import torch._dynamo as dynamo
 
-    if not isinstance(model.forward, _SequenceParallelForward):
-        raise ValueError("explain() takes a model prepared by ulysses_dtensor.parallelize_module")
+    handle = handle_of(model)  # raises for a model parallelize_module did not prepare
     saved_grads = {p: p.grad for p in model.parameters()}
-    blocks = compiled_blocks(model) if model.forward.config.compile else []
+    blocks = compiled_blocks(model) if handle.config.compile else []
     try:
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             model(*args, **kwargs)  # eager, so the rewrite counts the attention calls
-        attention_calls = model.forward.last_attention_calls
+        attention_calls = handle.last_attention_calls
         dynamo.reset()
         graphs: list[GraphCollectives] = []
         if blocks:

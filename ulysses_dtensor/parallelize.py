@@ -10,7 +10,10 @@ The recipe, in order:
    run on local tokens (``tokenwise.py``). Under torch.compile, or with ``propagation=False``,
    the forward runs on plain local shards instead, with global positions injected;
 3. activation checkpointing of each transformer block, if asked (``activation_checkpoint.py``);
-4. FSDP2 ``fully_shard`` per transformer block and on the root over all dp × sp ranks.
+4. ``UlyssesConfig(compile=True)``: each block compiled with ``fullgraph=True`` (``compile.py``);
+5. FSDP2 ``fully_shard`` per transformer block and on the root over all dp × sp ranks.
+
+:func:`handle_of` returns a :class:`UlyssesHandle` that tells what was done.
 
 The forward wrapper is an instance attribute, so the model keeps its class, its methods and its
 state-dict keys, and ``torch.compile(model)`` traces through the wrapper.
@@ -28,6 +31,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ParallelStyle
 from torch.utils._pytree import tree_map_only
 
 from . import flex, hf, titan
@@ -158,8 +162,13 @@ class UlyssesConfig:
     tile_tokens: int | None = None
 
 
-def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig | None = None) -> nn.Module:
+def parallelize_module(model: nn.Module, mesh: DeviceMesh,
+                       config: "UlyssesConfig | ParallelStyle | dict[str, ParallelStyle] | None" = None) -> nn.Module:
     """Make ``model`` sequence parallel over ``mesh["sp"]`` (and FSDP over dp × sp); returns it.
+
+    A superset of torch's ``parallelize_module(module, device_mesh, parallelize_plan)``: given a
+    ``ParallelStyle`` or a plan dict (e.g. ``{"layers.*.attn": UlyssesAttention()}``) as third
+    argument, it is torch's; given a :class:`UlyssesConfig` or nothing, the whole-model recipe.
 
     Args:
         model: an unmodified model calling ``F.scaled_dot_product_attention`` (plain PyTorch, Hugging
@@ -167,20 +176,35 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
         mesh: a 1-D ("sp",) or 2-D ("dp", "sp") DeviceMesh, e.g. :func:`init_mesh`.
         config: :class:`UlyssesConfig`.
 
+    ``handle_of(model)`` tells what was done (ring degree, path, compiled blocks).
     Afterwards ``model(input_ids)`` takes the global batch of this dp replica (the same on every sp
     rank) or the output of :func:`shard_batch`, computes on this rank's N/P tokens, and returns
     this rank's outputs (``gather_sequence`` reassembles them); losses are global means.
     """
+    if isinstance(config, (ParallelStyle, dict)):
+        from torch.distributed.tensor.parallel import parallelize_module as torch_parallelize_module
+
+        return torch_parallelize_module(model, mesh, config)
     config = config or UlyssesConfig()
+    if not isinstance(config, UlyssesConfig):
+        raise TypeError(f"parallelize_module: config must be a UlyssesConfig, a ParallelStyle or a plan dict, "
+                        f"got {type(config).__name__}")
     check_mesh(mesh)
     check_checkpointing_mode(config.activation_checkpointing, model)
     check_compile_overlap(config.compile_overlap)
     check_memory_options(config)
     check_compile_options(config)
     propagate = _use_propagation(model, config.propagation, sp_mesh(mesh).size()) and not config.compile
-    mixers = _install_attention(model, propagate)
+    mixers = _install_attention(model, propagate, config.compile)
     check_same_model(model, dp_sp_mesh(mesh).get_group())
     wrapper = _SequenceParallelForward(model, mesh, config, propagate, mixers)
+    if config.compile and not wrapper.local_path_is_exact and wrapper.world > 1:
+        raise ValueError(
+            f"UlyssesConfig(compile=True): compiled blocks run the local-tensor path (plain N/sp-token tensors), "
+            f"where {wrapper.model_name}, which takes no position argument and has no position buffer, would "
+            "derive positions from its local length and be wrong; run it eager, or give its forward a "
+            "position_ids= / positions= argument"
+        )
     if config.compile_overlap == "fx_pass" and wrapper.ring_degree > 1:
         # Measured: the hybrid's compiled forward then hangs in its first all-to-all on gloo
         # (tests/test_hybrid.py); until that is understood, refuse rather than hang.
@@ -213,6 +237,43 @@ def parallelize_module(model: nn.Module, mesh: DeviceMesh, config: UlyssesConfig
     if wrapper.propagate:
         track_modules(model, wrapper.module_stack)
     return model
+
+
+class UlyssesHandle:
+    """What :func:`parallelize_module` made of a model; get it with :func:`handle_of`.
+
+    Attributes (read-only): ``config``; ``sp_mesh`` (the 1-D sequence-parallel mesh); ``sp`` (its
+    size); ``ring_degree`` (R of the Ulysses × ring hybrid, 1 for plain Ulysses); ``propagation``
+    (eager forwards run on ``Shard(seq)`` DTensors); ``mixers`` (non-attention sequence mixers
+    found, ``{kind: count}``); ``compiled_blocks`` (blocks compiled on their own);
+    ``last_attention_calls`` (attention calls the last eager forward rewrote).
+    """
+
+    def __init__(self, forward: "_SequenceParallelForward"):
+        self._forward = forward
+
+    config = property(lambda self: self._forward.config)
+    sp_mesh = property(lambda self: self._forward.mesh_sp)
+    sp = property(lambda self: self._forward.world)
+    ring_degree = property(lambda self: self._forward.ring_degree)
+    propagation = property(lambda self: self._forward.propagate)
+    mixers = property(lambda self: dict(self._forward.mixers))
+    compiled_blocks = property(lambda self: len(compiled_blocks(self._forward.model)))
+    last_attention_calls = property(lambda self: self._forward.last_attention_calls)
+
+    def __repr__(self) -> str:
+        return (f"UlyssesHandle({self._forward.model_name}, sp={self.sp}, ring_degree={self.ring_degree}, "
+                f"propagation={self.propagation}, compiled_blocks={self.compiled_blocks})")
+
+
+def handle_of(model: nn.Module) -> UlyssesHandle:
+    """The :class:`UlyssesHandle` of a model prepared by :func:`parallelize_module` (also through
+    ``torch.compile(model)``); ValueError for any other model."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    forward = getattr(model, "forward", None)
+    if not isinstance(forward, _SequenceParallelForward):
+        raise ValueError(f"{type(model).__name__} was not prepared by ulysses_dtensor.parallelize_module")
+    return UlyssesHandle(forward)
 
 
 def check_compile_options(config: UlyssesConfig) -> None:
@@ -249,7 +310,7 @@ def check_memory_options(config: UlyssesConfig) -> None:
         raise ValueError(f"UlyssesConfig(tile_tokens={config.tile_tokens!r}): an integer >= 1 or None")
 
 
-def _install_attention(model: nn.Module, propagate: bool) -> dict[str, int]:
+def _install_attention(model: nn.Module, propagate: bool, compiled: bool = False) -> dict[str, int]:
     """Refuse models we cannot make exact; route the attention that SDPA rewriting does not see
     (HF masks on the local path, torchtitan flex modules, direct flex_attention calls) and the
     other sequence mixers (``mixers.py``) to Ulysses. Returns the mixer kinds found, with counts."""
@@ -264,12 +325,19 @@ def _install_attention(model: nn.Module, propagate: bool) -> dict[str, int]:
             "layers, which run on the propagation path only: UlyssesConfig(propagation=False) and compile=True are not supported "
             "for them"
         )
+    experts = hf.expert_count(model) if hf.is_hf_model(model) else None
+    # (a config may name experts no layer uses)
+    has_experts = bool(experts) and any(re.search(r"moe|expert", type(m).__name__, re.IGNORECASE) for m in model.modules())
+    if compiled and has_experts:
+        raise ValueError(
+            f"UlyssesConfig(compile=True): {type(model).__name__} routes tokens to {experts} experts; MoE blocks run on "
+            "the propagation path only (the load-balancing loss needs the global token counts, and Hugging Face's "
+            "expert loop is data-dependent, so it does not compile with fullgraph=True)"
+        )
     if hf.is_hf_model(model):
         hf.use_ulysses_attention(model, refuse_windows=not propagate)
     if propagate:
-        experts = hf.expert_count(model) if hf.is_hf_model(model) else None
-        has_experts = any(re.search(r"moe|expert", type(m).__name__, re.IGNORECASE) for m in model.modules())
-        if not use_local_moe(model) and experts and has_experts:  # (a config may name experts no layer uses)
+        if not use_local_moe(model) and has_experts:
             raise ValueError(
                 f"{type(model).__name__} routes tokens to {experts} experts, but no MoE block (a module "
                 "with `gate` and `experts`) was found to run on local tokens; refused rather than "
@@ -398,7 +466,7 @@ class _SequenceParallelForward:
                     "their BlockMask with the document mask_mod (docs/packed.md) instead"
                 )
         if not compiling:
-            self.last_attention_calls = mode.attention_calls  # read by compile.explain
+            self.last_attention_calls = mode.attention_calls  # UlyssesHandle.last_attention_calls
 
     def common_inputs(self, named: dict) -> tuple[int, torch.Tensor, Documents | None]:
         """In place, for both paths: labels shifted on the global sequence, ``document_ids``

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.distributed as dist
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .dcp_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..activation_checkpoint import MODES as CHECKPOINTING_MODES
 from ..comm_counter import CollectiveCounter
 from .data import RetrievalTask, TextTask, step_generator
@@ -29,7 +29,7 @@ from ..inputs import IGNORE_INDEX, local_slice
 from ..layout import UlyssesLayout
 from .llama import Llama, llama_config
 from ..mesh import init_mesh
-from ..parallelize import UlyssesConfig, parallelize_module
+from ..parallelize import UlyssesConfig, handle_of, parallelize_module
 from .progress import Progress
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -241,7 +241,10 @@ def train_rank(cfg: TrainConfig) -> dict:
         tokens, targets = tokens[rows].to(device), targets[rows].to(device)
         count = cfg.log_every and (step % cfg.log_every == 0 or step == stop - 1)
         t0 = time.perf_counter()
-        with CollectiveCounter() if count else contextlib.nullcontext() as counter:
+        # with --compile the counted steps run the blocks eagerly: the counter is a dispatch mode,
+        # which compiled code cannot run under; the collectives are the compiled graphs' own
+        eager = torch.compiler.set_stance("force_eager") if count and cfg.compile else contextlib.nullcontext()
+        with eager, CollectiveCounter() if count else contextlib.nullcontext() as counter:
             logits, loss = model(tokens, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -257,7 +260,7 @@ def train_rank(cfg: TrainConfig) -> dict:
             tokens_per_s=phase.batch * phase.seq_len / seconds, lr=optimizer.param_groups[0]["lr"],
         )
         if count:
-            record.update(_comm_and_memory(counter, model_cfg, phase, cfg, sp_rank, device, model.forward.ring_degree))
+            record.update(_comm_and_memory(counter, model_cfg, phase, cfg, sp_rank, device, handle_of(model).ring_degree))
         history.append(record)
         progress.update(step + 1, record, force=bool(count))
         done = step + 1
