@@ -78,7 +78,8 @@ def _rank_compiled_step(ctx, kind, dp, sp, activation_checkpointing, backend):
         grads = max(grads, rel_err(p.grad.full_tensor(), ref_params[plain].grad))
         params = max(params, rel_err(p.full_tensor().detach(), ref_params[plain].detach()))
     counts = [(g.kind, g.counts.get("all_to_all", 0)) for g in graphs]
-    return {"loss": abs(total.item() - ref_loss.item()) / abs(ref_loss.item()) if dp == 1 else 0.0,
+    # the loss of every rank is the global token-weighted mean (over dp × sp), the one-process loss
+    return {"loss": abs(total.item() - ref_loss.item()) / abs(ref_loss.item()),
             "grads": grads, "params": params}, counts, len(U.compile.compiled_blocks(model))
 
 
@@ -105,7 +106,7 @@ def test_compiled_blocks_dp2_sp2_inductor(ranks4):
     for errors, _, compiled in ranks4.run(_rank_compiled_step, "gpt", 2, 2, "selective", "inductor",
                                           world=4, timeout_s=900):
         assert compiled == LAYERS["gpt"]
-        assert errors["grads"] <= 1e-10 and errors["params"] <= 1e-10, errors
+        assert max(errors.values()) <= 1e-10, errors
 
 
 def test_compiled_torchtitan_blocks_with_fsdp(ranks4):
