@@ -50,9 +50,8 @@ def compile_blocks(blocks: list[nn.Module], backend: str | Callable = "inductor"
     """
     if not blocks:
         raise ValueError("UlyssesConfig(compile=True): no transformer blocks found (set block_classes)")
-    # A checkpointed block re-enters the rewrite mode inside its body; the push and pop are
-    # balanced, so Dynamo need not replay them at recompute (torchtitan sets the same).
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    # (the rewrite mode a checkpointed body re-enters is allowed by the parallelized forward itself,
+    # for its own duration: parallelize._checkpointed_bodies_enter_rewrite)
     for block in blocks:
         block.compile(backend=backend, fullgraph=True)
 

@@ -85,7 +85,6 @@ def _run_with_counted_blocks(model: nn.Module, blocks: list[nn.Module], graphs: 
     backend = counting_backend(graphs)
     try:
         for block in blocks:
-            block._compiled_call_impl = None
             block.compile(backend=backend, fullgraph=True)
         return model(*args, **kwargs)
     finally:
