@@ -68,6 +68,7 @@ def refuse_fullgraph_compile_with_fsdp(model_name: str) -> None:
     graph at the hooks and the model runs (a graph per block)."""
     from torch._dynamo.comptime import comptime
 
+    # _raise_if_fullgraph reads ``model_name`` from this frame's locals (comptime allows no closure)
     comptime(_raise_if_fullgraph)  # runs at trace time, where the tracer's flags are visible
 
 

@@ -29,7 +29,7 @@ from ..inputs import IGNORE_INDEX, local_slice
 from ..layout import UlyssesLayout
 from .llama import Llama, llama_config
 from ..mesh import init_mesh
-from ..parallelize import UlyssesConfig, handle_of, parallelize_module
+from ..parallelize import UlyssesConfig, check_compile_options, handle_of, parallelize_module
 from .progress import Progress
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -142,8 +142,10 @@ def check_config(cfg: TrainConfig, task, phases: list[Phase]) -> None:
         raise ValueError(f"--tiled-tokenwise must be auto, yes or no, got {cfg.tiled_tokenwise!r}")
     if cfg.head_chunks < 0 or cfg.memory_cap_gib < 0:
         raise ValueError("--head-chunks and --memory-cap-gib must be >= 0 (0: automatic)")
-    if cfg.compile and (cfg.activation_checkpointing == "offload" or cfg.head_chunks > 1):
-        raise ValueError("--compile with --activation-checkpointing offload or --head-chunks > 1: those run eager only")
+    # the library's own check, before any process group ("auto" options are checked once chosen)
+    check_compile_options(UlyssesConfig(
+        compile=cfg.compile, head_chunks=max(cfg.head_chunks, 1),
+        activation_checkpointing="none" if cfg.activation_checkpointing == "auto" else cfg.activation_checkpointing))
     if cfg.resume and not cfg.checkpoint_dir:
         raise ValueError("--resume needs --checkpoint-dir")
     if cfg.resume and latest_checkpoint(cfg.checkpoint_dir) is None:
@@ -175,10 +177,12 @@ def resolve_memory_stack(cfg: TrainConfig, task) -> TrainConfig:
     chosen, why = choose_stack(model_cfg, last.seq_len, cfg.dp, cfg.sp, stacks, device_memory_cap(cfg.memory_cap_gib),
                                precision=precision, batch=max(1, last.batch // cfg.dp), loss="full")
     heads_per_rank = -(-model_cfg.n_heads // cfg.sp)
-    if cfg.compile and (chosen.ac == "offload" or chosen.chunks_at(heads_per_rank) > 1):
-        raise ValueError(
-            f"--compile: the memory stack that fits is {chosen.describe(heads_per_rank)}, which runs eager only; "
-            "drop --compile or pin --activation-checkpointing (none/selective/full) and --head-chunks 1")
+    try:
+        check_compile_options(UlyssesConfig(compile=cfg.compile, activation_checkpointing=chosen.ac,
+                                            head_chunks=chosen.chunks_at(heads_per_rank)))
+    except ValueError as e:
+        raise ValueError(f"--compile: the memory stack that fits is {chosen.describe(heads_per_rank)}: {e}; "
+                         "drop --compile or pin --activation-checkpointing (none/selective/full) and --head-chunks 1") from e
     print(f"ulysses-dtensor train: memory stack: {chosen.describe(heads_per_rank)} ({why})", flush=True)
     return replace(cfg, activation_checkpointing=chosen.ac, tiled_tokenwise="yes" if chosen.tiled else "no",
                    head_chunks=chosen.chunks_at(heads_per_rank))
